@@ -1,0 +1,9 @@
+"""Checkpoint layouts: Mistral torrent, Hugging Face and GGUF, read and written tensor by tensor."""
+
+from .api import convert_checkpoint, detect_layout, inspect_checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, TensorRef
+from .errors import MixqError
+from .spec import ModelSpec
+
+__all__ = ["Checkpoint", "MixqError", "ModelSpec", "TensorRef", "convert_checkpoint", "detect_layout",
+           "inspect_checkpoint", "open_checkpoint"]

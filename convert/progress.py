@@ -1,0 +1,24 @@
+"""Progress bars and notes on stderr, silenced for scripts (`--quiet`, `--json`)."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm.auto import tqdm
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def bar(iterable=None, *, total=None, desc: str = "", unit: str = "it", unit_scale: bool = False):
+    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale, disable=_quiet,
+                file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def note(message: str) -> None:
+    if not _quiet:
+        print(message, file=sys.stderr)

@@ -1,0 +1,142 @@
+"""The `mixq` command: argument parsing and output only; the work is done by library functions.
+
+Exit codes: 0 success; 1 bad input or a failed step (one line on stderr says what and where); 2 usage error;
+3 a check that ran but missed its threshold; 130 interrupted; 70 internal error (a bug: please report it).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+
+import click
+
+from convert.errors import MixqError
+from convert import progress
+
+EXIT_INPUT, EXIT_THRESHOLD, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 3, 70, 130
+
+
+def command(fn):
+    """Run a command body: errors become one line and an exit code; the result is printed as table or JSON."""
+    @functools.wraps(fn)
+    def wrapper(*args, json_out: bool = False, quiet: bool = False, **kwargs):
+        progress.set_quiet(quiet or json_out)
+        try:
+            result, render = fn(*args, **kwargs)
+        except MixqError as exc:
+            click.echo(f"mixq: error: {exc}", err=True)
+            sys.exit(EXIT_INPUT)
+        except KeyboardInterrupt:
+            click.echo("mixq: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as exc:  # a bug: one line, and the traceback on request
+            if os.environ.get("MIXQ_DEBUG"):
+                traceback.print_exc()
+            click.echo(f"mixq: internal error: {type(exc).__name__}: {exc} (MIXQ_DEBUG=1 shows the traceback)",
+                       err=True)
+            sys.exit(EXIT_INTERNAL)
+        if json_out:
+            click.echo(json.dumps(result, indent=2, default=str))
+        elif not quiet and render:
+            click.echo(render(result))
+        return result
+
+    wrapper = click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")(wrapper)
+    return click.option("--json", "json_out", is_flag=True,
+                        help="Print the result as JSON on stdout (implies --quiet).")(wrapper)
+
+
+def table(rows: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mixq")
+def main():
+    """Convert, quantize and check Mixtral / Mistral / Llama checkpoints."""
+
+
+# ---- convert & inspect --------------------------------------------------------------------------------------
+
+@main.command("convert")
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--to", "to", type=click.Choice(["hf", "torrent", "gguf"]), required=True, help="Target layout.")
+@click.option("--from", "layout", type=click.Choice(["auto", "hf", "torrent", "gguf"]), default="auto",
+              show_default=True, help="Source layout (detected by default).")
+@click.option("--dtype", type=click.Choice(["auto", "f32", "f16", "bf16"]), default="auto", show_default=True,
+              help="Weights dtype for hf/torrent output; auto keeps the source's.")
+@click.option("--outtype", type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+                                              "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s",
+                                              "q5_k_m", "q6_k"], case_sensitive=False),
+              default="auto", show_default=True, help="GGUF tensor type (K-quants need the llama-cpp extra).")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard (hf output).")
+@click.option("--split-max-size", default=None, help="Split GGUF output into files of at most this size.")
+@click.option("--weights", "weights_format", type=click.Choice(["safetensors", "pth"]), default="safetensors",
+              show_default=True, help="Torrent output: consolidated.safetensors or consolidated.00.pth.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@command
+def convert_cmd(src, out, to, layout, dtype, outtype, shard_size, split_max_size, weights_format, force):
+    """Convert checkpoint SRC into layout --to at OUT."""
+    from convert import convert_checkpoint
+    result = convert_checkpoint(src, out, to, dtype=dtype, shard_size=shard_size, force=force,
+                                weights_format=weights_format, outtype=outtype.lower(),
+                                split_max_size=split_max_size, layout=layout)
+    return result, lambda r: table([
+        ("converted", f"{r['source']} ({r['source_layout']}) -> {r['output']} ({r['layout']})"),
+        ("architecture", r["architecture"]), ("tensors", r["tensors"]), ("size", human_bytes(r["bytes"])),
+        ("files", r.get("shards", 1)), ("tokenizer", ", ".join(r.get("tokenizer") or []) or "none"),
+        ("time", f"{r['seconds']:.1f} s")])
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--from", "layout", type=click.Choice(["auto", "hf", "torrent", "gguf"]), default="auto",
+              show_default=True)
+@command
+def inspect_cmd(path, layout):
+    """Describe the checkpoint at PATH: layout, architecture, hyper-parameters, tensors, tokenizer."""
+    from convert import inspect_checkpoint
+    info = inspect_checkpoint(path, layout)
+
+    def render(i):
+        hp = i["hyperparameters"]
+        rows = [("path", i["path"]), ("layout", i["layout"]), ("architecture", i["architecture"]),
+                ("layers", hp["num_layers"]), ("hidden", hp["hidden_size"]),
+                ("heads (kv)", f"{hp['num_heads']} ({hp['num_kv_heads']}), head_dim {hp['head_dim']}"),
+                ("ffn", hp["intermediate_size"])]
+        if hp["num_experts"]:
+            rows.append(("experts", f"{hp['num_experts']} ({hp['experts_per_tok']} per token)"))
+        rows += [("vocab", hp["vocab_size"]), ("rope_theta", hp["rope_theta"]),
+                 ("context", hp["max_position_embeddings"]), ("tied embeddings", hp["tie_word_embeddings"]),
+                 ("tensors", i["tensors"]), ("parameters", f"{i['parameters']:,}"),
+                 ("dtypes", ", ".join(f"{k} x{v}" for k, v in sorted(i["dtypes"].items()))),
+                 ("size", human_bytes(i["total_bytes"]))]
+        tok = i["tokenizer"]
+        rows.append(("tokenizer", "none" if tok is None else
+                     f"{tok['kind']}, {tok['vocab_size']} tokens, bos {tok['bos']!r}, eos {tok['eos']!r}"))
+        rows.append(("chat template", "yes" if i["chat_template"] else "no"))
+        return table(rows)
+
+    return info, render
+
+
+def run():  # console script entry
+    main(prog_name="mixq")
+
+
+if __name__ == "__main__":
+    run()
