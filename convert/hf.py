@@ -247,8 +247,9 @@ def shard_names(count: int) -> list[str]:
 
 
 def write_safetensors_shards(out: Path, entries, produce, max_bytes: int, metadata: dict | None = None,
-                             desc: str = "writing") -> dict:
-    """Write `entries` (name, shape, dtype) into shards, each tensor from `produce(name)`; returns the index."""
+                             desc: str = "writing", done=None) -> dict:
+    """Write `entries` (name, shape, dtype) into shards, each tensor from `produce(name)`, calling `done(name)`
+    once it is written; returns the index."""
     shards = shard_plan(entries, max_bytes)
     names = shard_names(len(shards))
     weight_map, total = {}, 0
@@ -257,6 +258,8 @@ def write_safetensors_shards(out: Path, entries, produce, max_bytes: int, metada
             with SafetensorsWriter(out / file_name, shard, metadata) as writer:
                 for name, shape, dtype in shard:
                     writer.write(name, produce(name))
+                    if done is not None:
+                        done(name)
                     weight_map[name] = file_name
                     total += tensor_nbytes(shape, dtype)
                     pbar.update(tensor_nbytes(shape, dtype))
@@ -284,11 +287,9 @@ def write_hf(ckpt: Checkpoint, out: Path, dtype: torch.dtype | None, shard_size:
     entries = [(name, ref.shape, dtype or ref.dtype) for name, ref in ckpt.tensors.items()]
 
     def produce(name: str) -> torch.Tensor:
-        tensor = ckpt.get(name).to(dtype or ckpt.tensors[name].dtype).contiguous()
-        ckpt.release(name)
-        return tensor
+        return ckpt.get(name).to(dtype or ckpt.tensors[name].dtype).contiguous()
 
-    index = write_safetensors_shards(out, entries, produce, shard_size)
+    index = write_safetensors_shards(out, entries, produce, shard_size, done=ckpt.release)
     base = ckpt.source_config if ckpt.layout == "hf" else None
     write_json(out / "config.json", config_from_spec(ckpt.spec, dtype or ckpt.main_dtype(), base))
     write_json(out / "generation_config.json", ckpt.generation_config or generation_config(ckpt.spec))

@@ -139,9 +139,7 @@ def write_torrent(ckpt: Checkpoint, out: Path, dtype: torch.dtype | None, weight
     def produce(canonical: str) -> torch.Tensor:
         tensor = ckpt.get(canonical).to(dtype or ckpt.tensors[canonical].dtype)
         heads = rotary_heads(spec, canonical)
-        tensor = (half_to_interleaved(tensor, heads) if heads else tensor).contiguous()
-        ckpt.release(canonical)
-        return tensor
+        return (half_to_interleaved(tensor, heads) if heads else tensor).contiguous()
 
     if weights_format not in ("safetensors", "pth"):
         raise MixqError(f"unknown torrent weights format {weights_format!r} (safetensors or pth)")
@@ -150,6 +148,7 @@ def write_torrent(ckpt: Checkpoint, out: Path, dtype: torch.dtype | None, weight
             bar(total=len(entries), desc="writing", unit="tensor") as pbar:
         for canonical in ckpt.tensors:
             writer.write(to_torrent[canonical], produce(canonical))
+            ckpt.release(canonical)
             pbar.update(1)
     total = writer.nbytes
     if weights_format == "pth":
