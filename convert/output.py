@@ -38,18 +38,23 @@ def staged_dir(target: Path, force: bool, keep_on_error: bool = False):
 
 
 @contextlib.contextmanager
-def staged_files(targets: list[Path], force: bool):
-    """Yield a temporary folder; each file named like a target in it is moved onto that target at the end."""
-    refuse_existing(targets, force)
-    parent = targets[0].parent
-    parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{targets[0].name}.", suffix=".partial", dir=parent))
+def scratch_beside(target: Path):
+    """A temporary folder beside `target` (same file system, so moves are renames), removed at the end."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         yield stage
-        for target in targets:
-            os.replace(stage / target.name, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(files: list[Path], folder: Path, force: bool) -> list[Path]:
+    """Move finished files into `folder` under their own names."""
+    finals = [folder / f.name for f in files]
+    refuse_existing(finals, force)
+    for f, final in zip(files, finals):
+        os.replace(f, final)
+    return finals
 
 
 def replace_path(new: Path, target: Path) -> None:

@@ -22,3 +22,7 @@ def bar(iterable=None, *, total=None, desc: str = "", unit: str = "it", unit_sca
 def note(message: str) -> None:
     if not _quiet:
         print(message, file=sys.stderr)
+
+
+def is_quiet() -> bool:
+    return _quiet

@@ -12,12 +12,14 @@ from tests.fixtures import mistral_tokenizer_path
 
 
 def tiny_params(arch: str = "mixtral", dim: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                hidden_dim: int = 96, experts: int = 4, vocab: int = 32000) -> dict:
+                hidden_dim: int = 96, experts: int = 4, vocab: int = 32000, tied: bool = False) -> dict:
     """A params.json shaped like the real torrent's: no rope_theta, no max_seq_len, no sliding_window."""
     params = {"dim": dim, "n_layers": layers, "head_dim": dim // heads, "hidden_dim": hidden_dim,
               "n_heads": heads, "n_kv_heads": kv_heads, "norm_eps": 1e-05, "vocab_size": vocab}
     if arch == "mixtral":
         params["moe"] = {"num_experts_per_tok": 2, "num_experts": experts}
+    if tied:
+        params["tied_embeddings"] = True
     return params
 
 
@@ -53,7 +55,8 @@ def native_state(params: dict, dtype=torch.bfloat16, seed: int = 0) -> dict[str,
             state[p + "feed_forward.w2.weight"] = w(dim, ff)
             state[p + "feed_forward.w3.weight"] = w(ff, dim)
     state["norm.weight"] = norm(dim)
-    state["output.weight"] = w(params["vocab_size"], dim)
+    if not params.get("tied_embeddings"):
+        state["output.weight"] = w(params["vocab_size"], dim)
     return state
 
 

@@ -16,7 +16,7 @@ def _rms(x, w, eps):
 
 def native_logits(state: dict, params: dict, tokens: list[int], rope_theta: float) -> torch.Tensor:
     s = {k: v.double() for k, v in state.items()}
-    dim, hd, nh, nkv = params["dim"], params["head_dim"], params["n_heads"], params["n_kv_heads"]
+    hd, nh, nkv = params["head_dim"], params["n_heads"], params["n_kv_heads"]
     eps = params["norm_eps"]
     T = len(tokens)
     x = s["tok_embeddings.weight"][torch.tensor(tokens)]

@@ -1,0 +1,490 @@
+"""GGUF as llama.cpp reads it: read (any type gguf-py dequantizes, split files, legacy per-expert tensors) and
+write (tensor names, dtype policy and metadata as llama.cpp's converter writes them, one layer's experts at a
+time)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint, TensorRef, checked_tensors
+from .errors import MixqError
+from .hf import parse_size
+from .names import (DENSE_MLP_TENSORS, EXPERT_TENSORS, GLOBAL_TENSORS, LAYER_TENSORS, ROUTER_TENSORS,
+                    expected_shapes, rotary_heads)
+from .output import publish, refuse_existing, scratch_beside
+from .pages import drop_file_pages
+from .progress import bar, is_quiet, note
+from .rope import half_to_interleaved, interleaved_to_half
+from .spec import ModelSpec
+from .tokenizer import UNUSED, Vocab
+
+ARCH = "llama"  # Mixtral, Mistral and Llama GGUFs all say general.architecture = llama
+SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+# --outtype -> (ggml type name, llama.cpp file type) for what gguf-py writes itself
+GGUF_PY_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
+                 "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3), "q5_0": ("Q5_0", 8), "q5_1": ("Q5_1", 9)}
+# K-quants: made by llama.cpp's own quantizer (llama_model_quantize), file type ids of llama.h
+_SILENT_LOG = None
+LLAMA_CPP_TYPES = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15,
+                   "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+
+
+def _gguf():
+    import gguf
+    return gguf
+
+
+# ---- names --------------------------------------------------------------------------------------------------
+
+def _gguf_names(spec: ModelSpec) -> dict[str, str]:
+    """Canonical name -> GGUF name, for all tensors but the experts."""
+    table = {c: g for c, _, g in GLOBAL_TENSORS}
+    if spec.tie_word_embeddings:
+        del table["lm_head.weight"]
+    rows = list(LAYER_TENSORS) + list(ROUTER_TENSORS if spec.is_moe else DENSE_MLP_TENSORS)
+    for layer in range(spec.num_layers):
+        for c, _, g in rows:
+            table[f"model.layers.{layer}.{c}"] = f"blk.{layer}.{g}"
+    return table
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+def split_paths(path: Path) -> list[Path]:
+    m = SPLIT.match(path.name)
+    if not m:
+        return [path]
+    count = int(m["count"])
+    paths = [path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    for p in paths:
+        if not p.is_file():
+            raise MixqError(f"{p}: missing part {p.name} of a {count}-part split GGUF")
+    return paths
+
+
+class _File:
+    """One GGUF file through gguf-py's reader, with clear errors for bad input."""
+
+    def __init__(self, path: Path):
+        gguf = _gguf()
+        self.path = path
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise MixqError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        try:
+            self.reader = gguf.GGUFReader(path, mode="c")
+        except ValueError as exc:
+            text = str(exc)
+            if "GGMLQuantizationType" in text:
+                raise MixqError(f"{path}: unknown tensor type ({text})") from None
+            if "reshape" in text or "out of bounds" in text or "size" in text:
+                raise MixqError(f"{path}: truncated GGUF ({text})") from None
+            raise MixqError(f"{path}: unreadable GGUF ({text})") from None
+        except (IndexError, OverflowError) as exc:
+            raise MixqError(f"{path}: truncated GGUF ({exc})") from None
+        size = path.stat().st_size
+        for t in self.reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise MixqError(f"{path}: truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes} "
+                                f"but the file has {size} bytes")
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.base = self.reader.data.ctypes.data
+
+    def fields(self) -> dict:
+        out = {}
+        for name, field in self.reader.fields.items():
+            if name.startswith("GGUF."):
+                continue
+            out[name] = field.contents()
+        return out
+
+    def raw(self, name: str) -> np.ndarray:
+        t = self.tensors[name]
+        return t.data
+
+    def release(self, name: str) -> None:
+        t = self.tensors[name]
+        drop_file_pages(self.base + t.data_offset, t.n_bytes)
+
+
+def _to_torch(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Tensor bytes of one GGUF tensor (or an expert slice of it) -> a torch tensor of `shape`."""
+    if type_name in ("F32", "F16"):
+        return torch.from_numpy(data).reshape(shape)
+    if type_name == "BF16":
+        return torch.from_numpy(data).view(torch.bfloat16).reshape(shape)
+    gguf = _gguf()
+    try:
+        values = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name])
+    except NotImplementedError:
+        raise MixqError(f"tensor type {type_name} cannot be dequantized by gguf-py") from None
+    return torch.from_numpy(values).reshape(shape)
+
+
+def _required(kv: dict, key: str, where: Path):
+    if key not in kv:
+        raise MixqError(f"{where}: missing metadata key {key}")
+    return kv[key]
+
+
+def spec_from_metadata(kv: dict, tensor_names: set[str], where: Path) -> ModelSpec:
+    arch = kv.get("general.architecture")
+    if arch != ARCH:
+        raise MixqError(f"{where}: unsupported GGUF architecture {arch!r} (Mixtral, Mistral and Llama GGUFs "
+                        f"are 'llama')")
+    k = lambda key: f"{ARCH}.{key}"  # noqa: E731
+    hidden = int(_required(kv, k("embedding_length"), where))
+    heads = int(_required(kv, k("attention.head_count"), where))
+    experts = int(kv.get(k("expert_count"), 0) or 0)
+    name = str(kv.get("general.name", "")) + " " + str(kv.get("general.basename", ""))
+    vocab = kv.get(k("vocab_size")) or len(kv.get("tokenizer.ggml.tokens") or []) or 0
+    spec = ModelSpec(
+        arch="mixtral" if experts else ("mistral" if "mistral" in name.lower() else "llama"),
+        hidden_size=hidden, num_layers=int(_required(kv, k("block_count"), where)), num_heads=heads,
+        num_kv_heads=int(kv.get(k("attention.head_count_kv"), heads)),
+        head_dim=int(kv.get(k("attention.key_length")) or kv.get(k("rope.dimension_count")) or hidden // heads),
+        intermediate_size=int(_required(kv, k("feed_forward_length"), where)), vocab_size=int(vocab),
+        rms_norm_eps=float(_required(kv, k("attention.layer_norm_rms_epsilon"), where)),
+        rope_theta=float(kv.get(k("rope.freq_base"), 10000.0)),
+        max_position_embeddings=int(_required(kv, k("context_length"), where)),
+        num_experts=experts, experts_per_tok=int(kv.get(k("expert_used_count"), 0) or 0),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=kv.get("tokenizer.ggml.bos_token_id"), eos_token_id=kv.get("tokenizer.ggml.eos_token_id"))
+    if spec.vocab_size <= 0:
+        raise MixqError(f"{where}: missing metadata key {ARCH}.vocab_size (and no tokenizer.ggml.tokens)")
+    return spec.validate(str(where))
+
+
+def vocab_from_metadata(kv: dict) -> Vocab | None:
+    model = kv.get("tokenizer.ggml.model")
+    tokens = kv.get("tokenizer.ggml.tokens")
+    if not model or not tokens:
+        return None
+    if model not in ("llama", "gpt2"):
+        raise MixqError(f"unsupported GGUF tokenizer model {model!r} (llama or gpt2)")
+    n = len(tokens)
+    scores = kv.get("tokenizer.ggml.scores") or [0.0] * n
+    types = kv.get("tokenizer.ggml.token_type") or [1] * n
+    return Vocab(model=model, tokens=list(tokens), scores=[float(s) for s in scores], types=[int(t) for t in types],
+                 merges=list(kv.get("tokenizer.ggml.merges") or []),
+                 bos_id=kv.get("tokenizer.ggml.bos_token_id"), eos_id=kv.get("tokenizer.ggml.eos_token_id"),
+                 unk_id=kv.get("tokenizer.ggml.unknown_token_id"), pad_id=kv.get("tokenizer.ggml.padding_token_id"),
+                 add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", model == "llama")),
+                 add_eos=bool(kv.get("tokenizer.ggml.add_eos_token", False)),
+                 add_space_prefix=bool(kv.get("tokenizer.ggml.add_space_prefix", model == "llama")),
+                 pre=kv.get("tokenizer.ggml.pre"), chat_template=kv.get("tokenizer.chat_template"))
+
+
+def _model_dtype(types: list[str]) -> torch.dtype:
+    """What `--dtype auto` gives: the float type of most matrices, else f16 (the precision of block scales)."""
+    floats = [t for t in types if t in FLOAT_TYPES]
+    return FLOAT_TYPES[max(set(floats), key=floats.count)] if floats else torch.float16
+
+
+def read_gguf(path: Path) -> Checkpoint:
+    files = [_File(p) for p in split_paths(path)]
+    kv = files[0].fields()
+    located = {name: f for f in files for name in f.tensors}
+    spec = spec_from_metadata(kv, set(located), path)
+    to_gguf = _gguf_names(spec)
+    matrices = [located[n].tensors[n].tensor_type.name for n in located
+                if len(located[n].tensors[n].shape) >= 2 and "ffn_gate_inp" not in n]
+    dtype = _model_dtype(matrices)
+    found: dict[str, TensorRef] = {}
+    for canonical, gguf_name in to_gguf.items():
+        if gguf_name in located:
+            found[canonical] = _ref(located[gguf_name], gguf_name, None, spec, canonical, dtype)
+    if spec.is_moe:
+        found.update(_expert_refs(spec, located, dtype))
+    known = set(to_gguf.values()) | {n for n in located if re.match(r"blk\.\d+\.ffn_(gate|up|down|gate_up)"
+                                                                         r"(_exps|\.\d+)\.weight$", n)}
+    for name in located:
+        if name not in known and name not in ("rope_freqs.weight",):
+            raise MixqError(f"{located[name].path}: {name}: unexpected tensor for a {spec.arch} model "
+                            f"with {spec.num_layers} layers")
+    return Checkpoint(layout="gguf", path=path, spec=spec, tensors=checked_tensors(spec, found, path),
+                      vocab=vocab_from_metadata(kv), source_config={k: v for k, v in kv.items()},
+                      files=[f.path for f in files])
+
+
+def _ref(file: _File, name: str, expert: int | None, spec: ModelSpec, canonical: str, dtype: torch.dtype,
+         rows: slice | None = None) -> TensorRef:
+    t = file.tensors[name]
+    type_name = t.tensor_type.name
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    if expert is not None:
+        shape = shape[1:]
+    if rows is not None:
+        shape = (rows.stop - rows.start,) + shape[1:]
+    heads = rotary_heads(spec, canonical)
+
+    def load() -> torch.Tensor:
+        data = file.raw(name)
+        if expert is not None:
+            data = data[expert]
+        if rows is not None:
+            data = data[rows]
+        tensor = _to_torch(data, type_name, shape)
+        return interleaved_to_half(tensor, heads) if heads else tensor
+
+    nbytes = t.n_bytes // (spec.num_experts if expert is not None else 1)
+    suffix = f"[{expert}]" if expert is not None else ""
+    return TensorRef(shape=shape, dtype=dtype, stored=type_name, source=f"{file.path}: {name}{suffix}", load=load,
+                     release=lambda: file.release(name), nbytes=nbytes)
+
+
+def _expert_refs(spec: ModelSpec, located: dict[str, _File], dtype: torch.dtype) -> dict[str, TensorRef]:
+    """Per-expert canonical tensors from the 3-D *_exps tensors, the fused gate_up, or legacy per-expert ones."""
+    refs = {}
+    ff = spec.intermediate_size
+    for layer in range(spec.num_layers):
+        fused = f"blk.{layer}.ffn_gate_up_exps.weight"
+        for canonical_t, _, stacked, legacy in EXPERT_TENSORS:
+            for e in range(spec.num_experts):
+                canonical = f"model.layers.{layer}." + canonical_t.format(E=e)
+                stacked_name, legacy_name = f"blk.{layer}.{stacked}", f"blk.{layer}.{legacy.format(E=e)}"
+                if stacked_name in located:
+                    refs[canonical] = _ref(located[stacked_name], stacked_name, e, spec, canonical, dtype)
+                elif legacy_name in located:
+                    refs[canonical] = _ref(located[legacy_name], legacy_name, None, spec, canonical, dtype)
+                elif fused in located and stacked != "ffn_down_exps.weight":
+                    rows = slice(0, ff) if stacked == "ffn_gate_exps.weight" else slice(ff, 2 * ff)
+                    refs[canonical] = _ref(located[fused], fused, e, spec, canonical, dtype, rows)
+    return refs
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Planned:
+    name: str                   # GGUF name
+    sources: list[str]          # canonical tensors, stacked when several (experts)
+    shape: tuple[int, ...]      # numpy shape as written
+    type_name: str              # ggml type
+
+
+def _tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> str:
+    """llama.cpp's converter policy: norms, 1-D tensors and the router in F32; rows that do not fill whole
+    quantization blocks fall back to F16."""
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or "ffn_gate_inp" in gguf_name:
+        return "F32"
+    if outtype in ("F32", "F16", "BF16"):
+        return outtype
+    gguf = _gguf()
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[outtype]][0]
+    return outtype if shape[-1] % block == 0 else "F16"
+
+
+def plan_tensors(spec: ModelSpec, names: list[str], outtype: str) -> list[_Planned]:
+    to_gguf = _gguf_names(spec)
+    shapes = expected_shapes(spec)
+    plan = []
+    for canonical in names:
+        if "block_sparse_moe.experts." in canonical:  # written stacked, after their router
+            continue
+        gguf_name = to_gguf[canonical]
+        shape = shapes[canonical]
+        plan.append(_Planned(gguf_name, [canonical], shape, _tensor_type(gguf_name, shape, outtype)))
+        if canonical.endswith("block_sparse_moe.gate.weight"):  # the experts follow their router
+            layer = int(canonical.split(".")[2])
+            for canonical_t, _, stacked, _ in EXPERT_TENSORS:
+                sources = [f"model.layers.{layer}." + canonical_t.format(E=e) for e in range(spec.num_experts)]
+                shape = (spec.num_experts,) + shapes[sources[0]]
+                name = f"blk.{layer}.{stacked}"
+                plan.append(_Planned(name, sources, shape, _tensor_type(name, shape, outtype)))
+    return plan
+
+
+def _nbytes(shape: tuple[int, ...], type_name: str) -> int:
+    gguf = _gguf()
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    return math.prod(shape) // block * size
+
+
+def _encode(tensor: torch.Tensor, type_name: str) -> np.ndarray:
+    if type_name == "F32":
+        return tensor.to(torch.float32).contiguous().numpy()
+    if type_name == "F16":
+        return tensor.to(torch.float16).contiguous().numpy()
+    if type_name == "BF16":
+        return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    gguf = _gguf()
+    return gguf.quants.quantize(tensor.to(torch.float32).contiguous().numpy(), gguf.GGMLQuantizationType[type_name])
+
+
+def metadata(ckpt: Checkpoint, file_type: int, quantized: bool) -> list[tuple[str, object, str]]:
+    """(key, value, gguf value type) for the header, as llama.cpp's converter writes them."""
+    spec = ckpt.spec
+    k = lambda key: f"{ARCH}.{key}"  # noqa: E731
+    general = ckpt.source_config if ckpt.layout == "gguf" else {}
+    name = general.get("general.name") or ckpt.path.stem.replace("_", " ")
+    items: list[tuple[str, object, str]] = [("general.type", "model", "STRING"), ("general.name", name, "STRING")]
+    for key in ("general.basename", "general.finetune", "general.size_label", "general.license",
+                "general.organization", "general.version"):
+        if general.get(key):
+            items.append((key, general[key], "STRING"))
+    items += [
+        (k("block_count"), spec.num_layers, "UINT32"), (k("context_length"), spec.max_position_embeddings, "UINT32"),
+        (k("embedding_length"), spec.hidden_size, "UINT32"),
+        (k("feed_forward_length"), spec.intermediate_size, "UINT32"),
+        (k("attention.head_count"), spec.num_heads, "UINT32"),
+        (k("attention.head_count_kv"), spec.num_kv_heads, "UINT32"),
+        (k("rope.freq_base"), spec.rope_theta, "FLOAT32"),
+        (k("attention.layer_norm_rms_epsilon"), spec.rms_norm_eps, "FLOAT32"),
+    ]
+    if spec.is_moe:
+        items += [(k("expert_count"), spec.num_experts, "UINT32"),
+                  (k("expert_used_count"), spec.experts_per_tok, "UINT32")]
+    items += [(k("vocab_size"), spec.vocab_size, "UINT32"), (k("rope.dimension_count"), spec.head_dim, "UINT32")]
+    if spec.head_dim != spec.hidden_size // spec.num_heads:
+        items += [(k("attention.key_length"), spec.head_dim, "UINT32"),
+                  (k("attention.value_length"), spec.head_dim, "UINT32")]
+    items.append(("general.file_type", file_type, "UINT32"))
+    if quantized:
+        items.append(("general.quantization_version", 2, "UINT32"))
+    items += _vocab_metadata(ckpt.vocab, spec)
+    return items
+
+
+def _vocab_metadata(vocab: Vocab | None, spec: ModelSpec) -> list[tuple[str, object, str]]:
+    if vocab is None:
+        note("warning: no tokenizer found; the GGUF has no vocabulary (llama.cpp cannot run it)")
+        return []
+    tokens, scores, types = list(vocab.tokens), list(vocab.scores), list(vocab.types)
+    for i in range(len(tokens), spec.vocab_size):  # llama.cpp pads like this when the model has more rows
+        tokens.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(UNUSED)
+    items = [("tokenizer.ggml.model", vocab.model, "STRING"),
+             ("tokenizer.ggml.pre", vocab.pre or "default", "STRING"),
+             ("tokenizer.ggml.tokens", tokens, "ARRAY:STRING"),
+             ("tokenizer.ggml.scores", scores, "ARRAY:FLOAT32"),
+             ("tokenizer.ggml.token_type", types, "ARRAY:INT32")]
+    if vocab.model == "gpt2":
+        items.append(("tokenizer.ggml.merges", list(vocab.merges), "ARRAY:STRING"))
+    for key, value in (("bos_token_id", vocab.bos_id), ("eos_token_id", vocab.eos_id),
+                       ("unknown_token_id", vocab.unk_id), ("padding_token_id", vocab.pad_id)):
+        if value is not None:
+            items.append((f"tokenizer.ggml.{key}", int(value), "UINT32"))
+    items += [("tokenizer.ggml.add_bos_token", vocab.add_bos, "BOOL"),
+              ("tokenizer.ggml.add_eos_token", vocab.add_eos, "BOOL")]
+    if vocab.model == "llama":
+        items.append(("tokenizer.ggml.add_space_prefix", vocab.add_space_prefix, "BOOL"))
+    if vocab.chat_template:
+        items.append(("tokenizer.chat_template", vocab.chat_template, "STRING"))
+    return items
+
+
+def _add_kv(writer, key: str, value, kind: str) -> None:
+    gguf = _gguf()
+    if kind.startswith("ARRAY:"):
+        writer.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType[kind[6:]])
+    else:
+        writer.add_key_value(key, value, gguf.GGUFValueType[kind])
+
+
+def write_gguf(ckpt: Checkpoint, path: Path, type_name: str, file_type: int,
+               split_max_size: int = 0) -> list[Path]:
+    """Write `ckpt` as GGUF at `path` (split into -0000N-of-0000M files when split_max_size is set)."""
+    gguf = _gguf()
+    spec = ckpt.spec
+    plan = plan_tensors(spec, list(ckpt.tensors), type_name)
+    quantized = any(p.type_name not in FLOAT_TYPES for p in plan)
+    writer = gguf.GGUFWriter(path, ARCH, split_max_size=split_max_size)
+    for key, value, kind in metadata(ckpt, file_type, quantized):
+        _add_kv(writer, key, value, kind)
+    for p in plan:
+        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.type_name),
+                               raw_dtype=gguf.GGMLQuantizationType[p.type_name])
+    paths = writer.format_shard_names(path)
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    with bar(total=sum(_nbytes(p.shape, p.type_name) for p in plan), desc="writing gguf", unit="B",
+             unit_scale=True) as pbar:
+        for p in plan:
+            parts = [ckpt.get(name) for name in p.sources]
+            tensor = parts[0] if len(parts) == 1 else torch.stack(parts)
+            del parts
+            heads = rotary_heads(spec, p.sources[0])
+            if heads:
+                tensor = half_to_interleaved(tensor, heads)
+            data = _encode(tensor, p.type_name)
+            del tensor
+            writer.write_tensor_data(data)
+            for name in p.sources:
+                ckpt.release(name)
+            pbar.update(data.nbytes)
+            del data
+    writer.close()
+    return paths
+
+
+def write_gguf_file(ckpt: Checkpoint, out: Path, outtype: str = "auto", split_max_size=None,
+                    force: bool = False) -> dict:
+    """`mixq convert ... --to gguf`: gguf-py's types directly, K-quants through llama.cpp's quantizer."""
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise MixqError(f"{out}: a GGUF output path must end in .gguf")
+    split = parse_size(split_max_size) if split_max_size else 0
+    outtype = outtype.lower()
+    if outtype == "auto":  # llama.cpp's guess: keep bf16 and f16, else f16
+        outtype = {torch.bfloat16: "bf16", torch.float32: "f16"}.get(ckpt.main_dtype(), "f16")
+    if outtype not in GGUF_PY_TYPES and outtype not in LLAMA_CPP_TYPES:
+        raise MixqError(f"unknown GGUF outtype {outtype!r} (choose from auto, "
+                        f"{', '.join(list(GGUF_PY_TYPES) + list(LLAMA_CPP_TYPES))})")
+    if outtype in LLAMA_CPP_TYPES and split:
+        raise MixqError("--split-max-size cannot be combined with K-quants (llama.cpp's quantizer writes one file); "
+                        "split the result with llama.cpp's gguf-split")
+    refuse_existing([out], force)
+    quantizer = _llama_cpp_quantizer() if outtype in LLAMA_CPP_TYPES else None
+    with scratch_beside(out) as stage:
+        if quantizer is None:
+            type_name, file_type = GGUF_PY_TYPES[outtype]
+            written = write_gguf(ckpt, stage / out.name, type_name, file_type, split)
+        else:  # a float GGUF first, then llama.cpp's quantizer
+            base = {torch.bfloat16: "bf16", torch.float32: "f32"}.get(ckpt.main_dtype(), "f16")
+            type_name, file_type = GGUF_PY_TYPES[base]
+            intermediate = write_gguf(ckpt, stage / f"intermediate-{base}.gguf", type_name, file_type)[0]
+            note(f"quantizing to {outtype.upper()} with llama.cpp")
+            quantizer(intermediate, stage / out.name, LLAMA_CPP_TYPES[outtype])
+            written = [stage / out.name]
+        finals = publish(written, out.parent, force)
+    return {"tensors": len(ckpt.tensors), "bytes": sum(f.stat().st_size for f in finals), "shards": len(finals),
+            "files": [str(f) for f in finals], "outtype": outtype,
+            "tokenizer": ["gguf vocabulary"] if ckpt.vocab else []}
+
+
+def _silent(level, text, user_data):
+    return None
+
+
+def _llama_cpp_quantizer():
+    global _SILENT_LOG
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MixqError("K-quants need llama.cpp's quantizer: pip install 'mixq[llama-cpp]' "
+                        "(the llama-cpp extra, llama-cpp-python)") from None
+    _SILENT_LOG = llama_cpp.llama_log_callback(_silent)
+
+    def quantize(src: Path, dst: Path, ftype: int) -> None:
+        if is_quiet():
+            llama_cpp.llama_log_set(_SILENT_LOG, None)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = os.cpu_count() or 1
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+        if rc != 0:
+            raise MixqError(f"llama.cpp's quantizer failed on {src.name} (code {rc})")
+    return quantize
