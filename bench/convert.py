@@ -95,22 +95,26 @@ def dir_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def cp_seconds(source: Path, work: Path) -> float:
     target = work / "cp-copy"
-    shutil.rmtree(target, ignore_errors=True)
+    remove(target)
     t = time.perf_counter()
     subprocess.run(["cp", "-r", str(source), str(target)], check=True)
     os.sync()
     seconds = time.perf_counter() - t
-    shutil.rmtree(target, ignore_errors=True)
+    remove(target)
     return seconds
 
 
 def run_case(source: Path, out: Path, to: str, options: dict) -> dict:
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
+    remove(out)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(source), str(out), to, json.dumps(options)],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode:

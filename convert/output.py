@@ -27,7 +27,7 @@ def staged_dir(target: Path, force: bool, keep_on_error: bool = False):
     target = Path(target)
     refuse_existing([target], force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    stage = _make_stage(target)
     try:
         yield stage
     except BaseException:
@@ -41,7 +41,7 @@ def staged_dir(target: Path, force: bool, keep_on_error: bool = False):
 def scratch_beside(target: Path):
     """A temporary folder beside `target` (same file system, so moves are renames), removed at the end."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    stage = _make_stage(target)
     try:
         yield stage
     finally:
@@ -55,6 +55,15 @@ def publish(files: list[Path], folder: Path, force: bool) -> list[Path]:
     for f, final in zip(files, finals):
         os.replace(f, final)
     return finals
+
+
+def _make_stage(target: Path) -> Path:
+    """mkdtemp's folder is private (0700); give it the permissions a plain mkdir would."""
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)
+    return stage
 
 
 def replace_path(new: Path, target: Path) -> None:

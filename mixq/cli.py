@@ -134,6 +134,91 @@ def inspect_cmd(path, layout):
     return info, render
 
 
+# ---- calibration --------------------------------------------------------------------------------------------
+
+def calibration_options(fn):
+    """--calib and its sampling options, shared by `calibration prepare` and the quantize commands."""
+    from calibration.sources import BUILTIN, PRESETS
+    options = [
+        click.option("--calib", "calib", default="kjv", show_default=True,
+                     help=f"Calibration text: built-in ({', '.join(BUILTIN)}), Hub preset ({', '.join(PRESETS)}), "
+                          f"Hub dataset (ORG/NAME[:CONFIG], or hf:ID), local .txt/.jsonl/.json/.parquet file or "
+                          f"folder, or a file made by `mixq calibration prepare`. See `mixq calibration sources`."),
+        click.option("--split", default=None, help="Dataset split (Hub sources)."),
+        click.option("--field", "text_field", default=None,
+                     help="Text field; 'messages' for conversations, PROMPT:RESPONSE for instruct pairs."),
+        click.option("--samples", default=128, show_default=True, help="Number of token blocks."),
+        click.option("--seqlen", default=512, show_default=True, help="Tokens per block."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the sampling."),
+        click.option("--mode", type=click.Choice(["concat", "document"]), default="concat", show_default=True,
+                     help="concat: documents joined and cut into blocks; document: one window per document."),
+        click.option("--allow-fewer", is_flag=True, help="Accept fewer blocks than --samples (the shortfall is "
+                                                          "reported) instead of failing."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def calibration_kwargs(kwargs: dict) -> dict:
+    keys = ("calib", "split", "text_field", "samples", "seqlen", "seed", "mode", "allow_fewer")
+    return {k: kwargs.pop(k) for k in keys}
+
+
+def _provenance_rows(p: dict) -> list[tuple[str, object]]:
+    rows = [("source", p.get("source")), ("blocks", f"{p.get('samples')} x {p.get('seqlen')} tokens "
+                                                    f"({p.get('mode')}, seed {p.get('seed')})")]
+    if p.get("shortfall"):
+        rows.append(("shortfall", f"{p['shortfall']} blocks fewer than the {p['requested_samples']} requested"))
+    rows += [("documents", p.get("documents")), ("text sha256", p.get("text_sha256")),
+             ("tokenizer", f"{p.get('tokenizer_name')} ({p.get('tokenizer')})")]
+    return rows
+
+
+@main.group("calibration")
+def calibration_group():
+    """Prepare and inspect calibration token blocks."""
+
+
+@calibration_group.command("prepare")
+@click.argument("model", type=click.Path(path_type=str))
+@calibration_options
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=str),
+              help="The .safetensors file to write.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@command
+def calibration_prepare(model, output, force, **kwargs):
+    """Sample calibration blocks with MODEL's tokenizer and chat template; save them with their provenance."""
+    from pathlib import Path
+
+    from calibration import prepare
+    from convert.output import refuse_existing
+    options = calibration_kwargs(kwargs)
+    refuse_existing([Path(output)], force)
+    blocks = prepare(model, options.pop("calib"), **options)
+    blocks.save(output)
+    result = {"output": output, **blocks.provenance}
+    return result, lambda r: table([("written", output)] + _provenance_rows(r))
+
+
+@calibration_group.command("sources")
+def calibration_sources():
+    """List the built-in texts and Hub presets."""
+    from calibration.sources import describe_sources
+    click.echo(describe_sources())
+
+
+@calibration_group.command("inspect")
+@click.argument("path", type=click.Path(path_type=str))
+@command
+def calibration_inspect(path):
+    """Show the provenance and shape of a prepared calibration file."""
+    from calibration import Blocks
+    blocks = Blocks.load(path)
+    result = {"path": path, "shape": list(blocks.tokens.shape), **blocks.provenance}
+    return result, lambda r: table([("file", path), ("shape", r["shape"])] + _provenance_rows(r))
+
+
 def run():  # console script entry
     main(prog_name="mixq")
 
