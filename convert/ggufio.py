@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -411,23 +412,40 @@ def write_gguf(ckpt: Checkpoint, path: Path, type_name: str, file_type: int,
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     with bar(total=sum(_nbytes(p.shape, p.type_name) for p in plan), desc="writing gguf", unit="B",
-             unit_scale=True) as pbar:
+             unit_scale=True) as pbar, ThreadPoolExecutor(max_workers=2) as pool:
         for p in plan:
-            parts = [ckpt.get(name) for name in p.sources]
-            tensor = parts[0] if len(parts) == 1 else torch.stack(parts)
-            del parts
             heads = rotary_heads(spec, p.sources[0])
-            if heads:
-                tensor = half_to_interleaved(tensor, heads)
-            data = _encode(tensor, p.type_name)
-            del tensor
-            writer.write_tensor_data(data)
-            for name in p.sources:
+
+            def encode(name, p=p, heads=heads):
+                tensor = ckpt.get(name)
+                data = _encode(half_to_interleaved(tensor, heads) if heads else tensor, p.type_name)
                 ckpt.release(name)
-            pbar.update(data.nbytes)
-            del data
+                return data
+
+            # stacked experts are written one expert at a time, the next one encoded while one is written
+            encoded = pool.map(encode, p.sources) if len(p.sources) > 1 else map(encode, p.sources)
+            _write_tensor(writer, encoded, _nbytes(p.shape, p.type_name))
+            pbar.update(_nbytes(p.shape, p.type_name))
     writer.close()
     return paths
+
+
+def _write_tensor(writer, parts, nbytes: int) -> None:
+    """GGUFWriter.write_tensor_data for a tensor that arrives in parts (the experts of a stacked tensor):
+    the same bytes, without holding the whole tensor."""
+    gguf = _gguf()
+    file_id = next(i for i, tensors in enumerate(writer.tensors) if tensors)
+    fout = writer.fout[file_id]
+    info = writer.tensors[file_id].pop(next(iter(writer.tensors[file_id])))
+    writer.write_padding(fout, fout.tell())
+    written = 0
+    for part in parts:
+        part.tofile(fout)
+        written += part.nbytes
+    if written != nbytes or info.nbytes != nbytes:
+        raise AssertionError(f"wrote {written} bytes for a tensor of {info.nbytes}")
+    writer.write_padding(fout, nbytes)
+    writer.state = gguf.gguf_writer.WriterState.WEIGHTS
 
 
 def write_gguf_file(ckpt: Checkpoint, out: Path, outtype: str = "auto", split_max_size=None,
