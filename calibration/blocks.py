@@ -158,3 +158,16 @@ def prepare(model: str | Path, source: str, samples: int = 128, seqlen: int = 51
     tokenizer = tokenizer or load_tokenizer(model)
     texts = load_texts(source, split=split, text_field=text_field)
     return sample_blocks(texts, tokenizer, samples, seqlen, seed, mode, allow_fewer)
+
+
+def evaluation_ids(tokenizer, source: str, split: str | None = None, text_field: str | None = None) -> tuple[
+        list[int], dict]:
+    """The evaluation text tokenized once: documents joined by blank lines, with the tokenizer's own BOS."""
+    texts = load_texts(source, split=split, text_field=text_field, evaluation=True)
+    plain = [d for d in texts.documents if isinstance(d, str)]
+    if not plain:
+        raise MixqError(f"{source}: no plain text to evaluate on (conversations are for calibration)")
+    text = "\n\n".join(plain)
+    provenance = dict(texts.provenance, text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                      characters=len(text), tokenizer=tokenizer_fingerprint(tokenizer))
+    return tokenizer(text).input_ids, provenance

@@ -150,7 +150,7 @@ def read_hf(path: Path) -> Checkpoint:
         found[canonical] = ref
 
     for file in files:
-        for raw_name, ref in _file_refs(file).items():
+        for raw_name, ref in file_refs(file).items():
             if raw_name.endswith(IGNORED_SUFFIXES):
                 continue
             fused = _FUSED.match(raw_name)
@@ -178,7 +178,7 @@ def _canonical(raw: str, spec: ModelSpec) -> str:
     return raw
 
 
-def _file_refs(file: Path) -> dict[str, TensorRef]:
+def file_refs(file: Path) -> dict[str, TensorRef]:
     if file.suffix == ".safetensors":
         st = SafetensorsFile(file)
         return {name: TensorRef(shape=e.shape, dtype=e.dtype, stored=DTYPE_NAMES[e.dtype], source=f"{file}: {name}",

@@ -14,9 +14,11 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
-def bar(iterable=None, *, total=None, desc: str = "", unit: str = "it", unit_scale: bool = False):
+def bar(iterable=None, *, total=None, desc: str = "", unit: str = "it", unit_scale: bool = False,
+        initial: int = 0):
+    """A tqdm bar on stderr, with rate and ETA."""
     return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale, disable=_quiet,
-                file=sys.stderr, dynamic_ncols=True, leave=False)
+                file=sys.stderr, dynamic_ncols=True, leave=False, initial=initial)
 
 
 def note(message: str) -> None:

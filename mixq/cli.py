@@ -219,6 +219,114 @@ def calibration_inspect(path):
     return result, lambda r: table([("file", path), ("shape", r["shape"])] + _provenance_rows(r))
 
 
+# ---- quantize -----------------------------------------------------------------------------------------------
+
+def engine_options(fn):
+    """Options every quantization method takes."""
+    options = [
+        click.option("--bits", default=4, show_default=True, help="Bits per weight."),
+        click.option("--group-size", default=128, show_default=True,
+                     help="Weights per quantization group (must divide every linear's input size)."),
+        click.option("--expert-naming", type=click.Choice(["classic", "transformers"]), default="classic",
+                     show_default=True,
+                     help="Mixtral expert keys: classic block_sparse_moe.experts.E.w1/w2/w3 (vLLM, TGI) or "
+                          "transformers mlp.experts.E.gate_proj/up_proj/down_proj (transformers 5 + GPTQModel)."),
+        click.option("--device", default="auto", show_default=True, help="cuda, cuda:N or cpu (auto: CUDA if any)."),
+        click.option("--compute-dtype", "compute_dtype", type=click.Choice(["auto", "f32", "f16", "bf16"]),
+                     default="auto", show_default=True, help="Calibration arithmetic (auto: f32 on CPU, the "
+                                                             "model's 16-bit type on CUDA)."),
+        click.option("--batch", default=8, show_default=True, help="Calibration blocks per forward pass."),
+        click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer."),
+        click.option("--force", is_flag=True, help="Replace OUT if it exists."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _run_quantize(method, model, out, fmt, sym, settings_extra, kwargs, calib=True):
+    from calibration import prepare
+    from convert.hf import parse_size
+    from quantize import Scheme, Settings, quantize_model
+    calib_opts = calibration_kwargs(kwargs) if calib else None
+    scheme = Scheme(bits=kwargs.pop("bits"), group_size=kwargs.pop("group_size"), sym=sym, rule=fmt)
+    settings = Settings(method=method, scheme=scheme, fmt=fmt, expert_naming=kwargs.pop("expert_naming"),
+                        device=kwargs.pop("device"), dtype=kwargs.pop("compute_dtype"), batch=kwargs.pop("batch"),
+                        shard_size=parse_size(kwargs.pop("shard_size")), **settings_extra)
+    force, resume = kwargs.pop("force"), kwargs.pop("resume")
+    from quantize.runner import check_inputs
+    check_inputs(model, out, settings, force)  # before the calibration text is tokenized
+    blocks = None
+    if calib_opts is not None:
+        blocks = prepare(model, calib_opts.pop("calib"), **calib_opts)
+    report = quantize_model(model, out, settings, blocks, force=force, resume=resume)
+    return report, _render_quantize
+
+
+def _render_quantize(r: dict) -> str:
+    s = r["settings"]
+    rows = [("output", r.get("output", "")), ("method", f"{r['method']} -> {r['format']} format"),
+            ("scheme", f"{s['scheme']['bits']}-bit, group {s['scheme']['group_size']}, "
+                       f"{'sym' if s['scheme']['sym'] else 'asym'}"),
+            ("layers", len(r["layers"])), ("size", human_bytes(r["bytes"])), ("time", f"{r['seconds']:.1f} s")]
+    errors = [layer["output_error"] for layer in r["layers"] if "output_error" in layer]
+    if errors:
+        rows.append(("layer output error", f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}"))
+    if r.get("expert_coverage"):
+        c = r["expert_coverage"]
+        rows.append(("experts", f"fewest routed tokens {c['min_routed_tokens']}, "
+                                f"{c['experts_without_routed_tokens']} expert-layers without any"))
+    if r.get("check"):
+        rows.append(("check", r["check"].get("summary", "")))
+    return table(rows)
+
+
+@main.group("quantize")
+def quantize_group():
+    """Quantize a Hugging Face checkpoint to 4-bit (AWQ, GPTQ) or round-to-nearest."""
+
+
+@quantize_group.command("rtn")
+@click.argument("model", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@engine_options
+@click.option("--format", "fmt", type=click.Choice(["gptq", "awq"]), default="gptq", show_default=True,
+              help="Output format (and the min/max rule of its consumers).")
+@click.option("--sym/--asym", default=None, help="Symmetric or zero-point groups (default: sym for gptq, "
+                                                  "asym for awq).")
+@command
+def quantize_rtn(model, out, fmt, sym, **kwargs):
+    """Round-to-nearest: the baseline every method is measured against; needs no calibration."""
+    sym = (fmt == "gptq") if sym is None else sym
+    result, render = _run_quantize("rtn", model, out, fmt, sym, {}, kwargs, calib=False)
+    return dict(result, output=out), render
+
+
+@quantize_group.command("gptq")
+@click.argument("model", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@calibration_options
+@engine_options
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or zero-point groups.")
+@click.option("--damp", default=0.01, show_default=True,
+              help="Dampening, a fraction of the Hessian's mean diagonal (raised on Cholesky failure).")
+@click.option("--desc-act/--no-desc-act", default=True, show_default=True,
+              help="Quantize columns in order of decreasing activation (act-order).")
+@click.option("--static-groups/--no-static-groups", default=None,
+              help="Fix each group's parameters before the sweep (default: on with --desc-act): g_idx then stays "
+                   "in column order and every kernel, TGI's tensor-parallel ones included, reads the output.")
+@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
+              help="Calibrate each stage of a layer on the outputs of the stages already quantized.")
+@command
+def quantize_gptq(model, out, sym, damp, desc_act, static_groups, true_sequential, **kwargs):
+    """GPTQ, 4-bit group 128 by default, written in the GPTQ v1 format vLLM, TGI and transformers load."""
+    extra = {"damp": damp, "desc_act": desc_act, "true_sequential": true_sequential,
+             "static_groups": desc_act if static_groups is None else static_groups}
+    result, render = _run_quantize("gptq", model, out, "gptq", sym, extra, kwargs)
+    return dict(result, output=out), render
+
+
 def run():  # console script entry
     main(prog_name="mixq")
 

@@ -1,0 +1,6 @@
+"""The quantization engine: layer streaming, round-to-nearest, GPTQ, AWQ, and the AWQ-GEMM / GPTQ formats."""
+
+from .quantizer import Scheme
+from .runner import Settings, quantize_model
+
+__all__ = ["Scheme", "Settings", "quantize_model"]

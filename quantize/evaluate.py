@@ -1,0 +1,131 @@
+"""Perplexity, streamed layer by layer so a checkpoint larger than the device is still evaluated on it.
+
+Two windowings, each stated in the report because perplexities under different ones are not comparable:
+- windows (AutoAWQ / GPTQ papers): the text tokenized once, cut into non-overlapping windows of `seqlen`, every
+  position after the first of a window scored;
+- llamacpp (llama.cpp's perplexity tool): chunks of `seqlen`, the first token of each chunk replaced by BOS, only
+  the second half of each chunk scored.
+With a reference model both run in lockstep on the same tokens, and the per-token KL divergence of the evaluated
+model from the reference is reported too.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from convert.checkpoint import Checkpoint
+from convert.errors import MixqError
+from convert.progress import bar
+
+from .forward import Rotary, decoder_layer, rms_norm
+
+METHODS = ("windows", "llamacpp")
+
+
+@dataclass
+class Windows:
+    tokens: torch.Tensor      # [n, seqlen]
+    first_scored: int         # the first position whose next-token prediction counts
+    method: str
+
+    @property
+    def scored(self) -> int:
+        return self.tokens.shape[0] * (self.tokens.shape[1] - 1 - self.first_scored)
+
+
+def make_windows(ids: list[int], seqlen: int, method: str = "windows", bos_id: int | None = None,
+                 max_tokens: int | None = None) -> Windows:
+    if method not in METHODS:
+        raise MixqError(f"unknown perplexity method {method!r} (choose from {', '.join(METHODS)})")
+    if max_tokens:
+        ids = ids[:max_tokens]
+    n = len(ids) // seqlen
+    if n == 0:
+        raise MixqError(f"the evaluation text has {len(ids)} tokens, fewer than one window of {seqlen} "
+                        f"(use a longer text or a smaller --seqlen)")
+    tokens = torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
+    if method == "llamacpp":
+        if bos_id is not None:
+            tokens[:, 0] = bos_id
+        return Windows(tokens, seqlen // 2, method)
+    return Windows(tokens, 0, method)
+
+
+def _layer_weights(ckpt: Checkpoint, layer: int, device, dtype) -> dict[str, torch.Tensor]:
+    prefix = f"model.layers.{layer}."
+    weights = {}
+    for name in ckpt.tensors:
+        if name.startswith(prefix):
+            weights[name[len(prefix):]] = ckpt.get(name).to(device=device, dtype=dtype)
+            ckpt.release(name)
+    return weights
+
+
+def _head(ckpt: Checkpoint, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = ckpt.get("model.norm.weight").to(device=device, dtype=dtype)
+    name = "model.embed_tokens.weight" if ckpt.spec.tie_word_embeddings else "lm_head.weight"
+    return norm, ckpt.get(name).to(device=device, dtype=dtype)
+
+
+def _check_compatible(model: Checkpoint, reference: Checkpoint) -> None:
+    if model.spec.vocab_size != reference.spec.vocab_size:
+        raise MixqError(f"{model.path} and the reference {reference.path} have different vocabularies "
+                        f"({model.spec.vocab_size} and {reference.spec.vocab_size} tokens)")
+
+
+def perplexity(model: Checkpoint, windows: Windows, device="cpu", dtype=torch.float32, batch: int = 4,
+               reference: Checkpoint | None = None) -> dict:
+    """Perplexity of `model` (and `reference`) on `windows`, and the KL divergence between them."""
+    started = time.perf_counter()
+    models = [model] + ([reference] if reference is not None else [])
+    if reference is not None:
+        _check_compatible(model, reference)
+    tokens = windows.tokens.to(device)
+    spec = model.spec
+    rope = Rotary.build(spec, tokens.shape[1], device, dtype)
+    states = []
+    for ckpt in models:
+        embed = ckpt.get("model.embed_tokens.weight")
+        states.append(embed[windows.tokens].to(device=device, dtype=dtype))
+        if not ckpt.spec.tie_word_embeddings:
+            ckpt.release("model.embed_tokens.weight")
+        del embed
+    with bar(total=spec.num_layers, desc="perplexity", unit="layer") as pbar:
+        for layer in range(spec.num_layers):
+            for i, ckpt in enumerate(models):
+                weights = _layer_weights(ckpt, layer, device, dtype)
+                for start in range(0, tokens.shape[0], batch):
+                    states[i][start:start + batch] = decoder_layer(states[i][start:start + batch], weights,
+                                                                   ckpt.spec, rope)
+                del weights
+            pbar.update(1)
+    heads = [_head(ckpt, device, dtype) for ckpt in models]
+    first = windows.first_scored
+    nll = [0.0 for _ in models]
+    kl = 0.0
+    for start in range(0, tokens.shape[0], batch):
+        target = tokens[start:start + batch, first + 1:]
+        logps = []
+        for i, ckpt in enumerate(models):
+            norm, head = heads[i]
+            h = rms_norm(states[i][start:start + batch, first:-1], norm, ckpt.spec.rms_norm_eps)
+            logp = F.log_softmax((h @ head.T).float(), dim=-1)
+            nll[i] -= float(logp.gather(-1, target[..., None]).sum())
+            logps.append(logp)
+        if reference is not None:
+            kl += float((logps[1].exp() * (logps[1] - logps[0])).sum())
+    count = windows.scored
+    result = {"perplexity": math.exp(nll[0] / count), "tokens": count, "windows": int(tokens.shape[0]),
+              "seqlen": int(tokens.shape[1]), "method": windows.method,
+              "seconds": round(time.perf_counter() - started, 3)}
+    if reference is not None:
+        ref_ppl = math.exp(nll[1] / count)
+        result.update(reference_perplexity=ref_ppl, delta=result["perplexity"] - ref_ppl,
+                      delta_percent=100 * (result["perplexity"] / ref_ppl - 1), kl=kl / count)
+    result["tokens_per_second"] = round(count * len(models) / result["seconds"], 1)
+    return result

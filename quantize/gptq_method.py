@@ -1,0 +1,61 @@
+"""GPTQ on a decoder layer, stage by stage: q/k/v, o, the MLP inputs (every expert's w1/w3 from all tokens), then
+each down projection. With true-sequential (the default) each stage is calibrated on the outputs of the stages
+already quantized; without it, every stage sees the unquantized layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import model as arch
+from .forward import attention_context, rms_norm
+from .gptq import Hessian, gptq_quantize
+
+
+def quantize_layer(ctx) -> dict:
+    s, spec, w = ctx.settings, ctx.spec, ctx.weights
+    src = w if s.true_sequential else dict(w)   # the weights stage inputs are computed with
+    eps = spec.rms_norm_eps
+    quantized, losses = {}, {}
+
+    def run(modules, hessian: Hessian) -> None:
+        h = hessian.value()
+        for module in modules:
+            result = gptq_quantize(w[f"{module}.weight"], h, s.scheme, s.damp, s.desc_act, s.static_groups,
+                                   s.block_size, name=f"model.layers.{ctx.index}.{module}")
+            quantized[module] = result.weight
+            losses[module] = round(result.loss, 6)
+            w[f"{module}.weight"] = result.weight.dequantize(w[f"{module}.weight"].dtype).to(ctx.x.device)
+
+    def attention_in(x):
+        return rms_norm(x, src["input_layernorm.weight"], eps)
+
+    hess = Hessian(spec.hidden_size, ctx.x.device)
+    for chunk in ctx.chunks():
+        hess.add(attention_in(ctx.x[chunk]))
+    run(arch.ATTENTION_IN, hess)
+
+    hess = Hessian(spec.num_heads * spec.head_dim, ctx.x.device)
+    for chunk in ctx.chunks():
+        hess.add(attention_context(attention_in(ctx.x[chunk]), src, spec, ctx.rope))
+    run(arch.ATTENTION_OUT, hess)
+
+    hess = Hessian(spec.hidden_size, ctx.x.device)
+    mlp_inputs = []
+    for chunk in ctx.chunks():
+        x = ctx.x[chunk]
+        resid = x + attention_context(attention_in(x), src, spec, ctx.rope) @ src["self_attn.o_proj.weight"].T
+        mlp_inputs.append(rms_norm(resid, src["post_attention_layernorm.weight"], eps))
+        hess.add(mlp_inputs[-1])
+    run(arch.mlp_in(spec), hess)   # every expert's w1/w3 from all tokens: one Hessian serves them all
+
+    downs = ([(arch.expert_out(e), *arch.expert_in(e)) for e in range(spec.num_experts)] if spec.is_moe
+             else [("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj")])
+    for down, gate, up in downs:
+        hess = Hessian(spec.intermediate_size, ctx.x.device)
+        for h in mlp_inputs:
+            hess.add(F.silu(h @ src[f"{gate}.weight"].T) * (h @ src[f"{up}.weight"].T))
+        run((down,), hess)
+    ctx.stats["gptq_loss"] = losses
+    del mlp_inputs
+    return quantized

@@ -1,0 +1,105 @@
+"""Group-wise integer quantization: the scheme, the per-group parameters, round-to-nearest.
+
+Two rules for the parameters of a group, each matching the format its consumers were written for:
+- "gptq" (AutoGPTQ's Quantizer): 0 is kept inside the range; symmetric zero = 2^(bits-1). The GPTQ v1 format stores
+  zero - 1, which most kernels cannot decode for zero = 0, so an asymmetric group that would get zero 0 gets
+  zero 1 and a scale that still reaches its maximum.
+- "awq" (AutoAWQ's pseudo_quantize_tensor): raw min/max, scale = (max - min) / maxq, zero = -round(min / scale).
+Scales are rounded to fp16 before the codes are computed, so the codes are exact for the scales the files store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+FP16_TINY = 2.0 ** -24  # the smallest positive fp16 (subnormal)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    rule: str = "gptq"          # "gptq" or "awq"
+
+    @property
+    def maxq(self) -> int:
+        return 2 ** self.bits - 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QuantizedWeight:
+    """Codes and parameters of one linear weight W [out, in]: W ~ (q - zeros[:, g]) * scales[:, g], g = g_idx[k]."""
+    q: torch.Tensor          # uint8 [out, in], 0..maxq
+    scales: torch.Tensor     # fp16 [out, groups]
+    zeros: torch.Tensor      # int32 [out, groups], 0..maxq
+    g_idx: torch.Tensor      # int32 [in]
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        g = self.g_idx.long()
+        return ((self.q.to(torch.float32) - self.zeros[:, g].float()) * self.scales[:, g].float()).to(dtype)
+
+
+def group_params(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per row of w [rows, group]; scale float32 holding fp16 values, zero float32 integers."""
+    maxq = scheme.maxq
+    w = w.float()
+    if scheme.rule == "awq":
+        if scheme.sym:  # AutoAWQ without zero point: q in [-2^(b-1), 2^(b-1)-1], stored with zero 2^(b-1)
+            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / (2 ** (scheme.bits - 1) - 1)
+            scale = _fp16(scale)
+            return scale, torch.full_like(scale, 2 ** (scheme.bits - 1))
+        hi, lo = w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True)
+        scale = _fp16((hi - lo).clamp(min=1e-5) / maxq)
+        zero = (-torch.round(lo / scale)).clamp(0, maxq)
+        return scale, zero
+    lo = w.amin(dim=1, keepdim=True).clamp(max=0)
+    hi = w.amax(dim=1, keepdim=True).clamp(min=0)
+    if scheme.sym:
+        hi = torch.maximum(lo.abs(), hi)
+        lo = torch.where(lo < 0, -hi, lo)
+    empty = (lo == 0) & (hi == 0)
+    lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
+    if scheme.sym:
+        scale = _fp16((hi - lo) / maxq)
+        return scale, torch.full_like(scale, (maxq + 1) // 2)
+    scale = (hi - lo) / maxq
+    zero = torch.round(-lo / scale)
+    at_zero = zero < 1  # v1 stores zero - 1: keep zero >= 1, with the scale that still reaches hi
+    scale = _fp16(torch.where(at_zero, hi / (maxq - 1), scale))
+    zero = torch.where(at_zero, torch.ones_like(zero), torch.round(-lo / scale).clamp(1, maxq))
+    return scale, zero
+
+
+def _fp16(scale: torch.Tensor) -> torch.Tensor:
+    return scale.to(torch.float16).float().clamp(min=FP16_TINY)
+
+
+def codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq)
+
+
+def fake_quantize(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """Quantize and dequantize w [out, in] group by group (round-to-nearest), in w's dtype."""
+    out, cols = w.shape
+    groups = w.float().reshape(out * (cols // scheme.group_size), scheme.group_size)
+    scale, zero = group_params(groups, scheme)
+    q = codes(groups, scale, zero, scheme.maxq)
+    return ((q - zero) * scale).reshape(out, cols).to(w.dtype)
+
+
+def rtn(w: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
+    """Round-to-nearest: the baseline every method is measured against."""
+    out, cols = w.shape
+    n = cols // scheme.group_size
+    groups = w.float().reshape(out * n, scheme.group_size)
+    scale, zero = group_params(groups, scheme)
+    q = codes(groups, scale, zero, scheme.maxq)
+    return QuantizedWeight(q=q.reshape(out, cols).to(torch.uint8), scales=scale.reshape(out, n).half(),
+                           zeros=zero.reshape(out, n).to(torch.int32),
+                           g_idx=torch.arange(cols, dtype=torch.int32) // scheme.group_size)

@@ -1,0 +1,93 @@
+"""AWQ and GPTQ repositories read back as canonical tensors: each quantized linear dequantized from its packed
+tensors, so the reference forward (and everything built on checkpoints) runs them unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from convert.checkpoint import Checkpoint, TensorRef
+from convert.errors import MixqError
+from convert.hf import file_refs, spec_from_config, weight_files
+from convert.tokenizer import Vocab
+
+from . import model as arch
+from .formats import DEQUANTIZERS, SUFFIXES
+
+
+def quantization_method(path: Path) -> str | None:
+    """'awq' or 'gptq' when `path` is such a repository."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
+        return None
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    return method if method in DEQUANTIZERS else None
+
+
+def read_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    qc = config.get("quantization_config") or {}
+    fmt = qc.get("quant_method")
+    if fmt not in DEQUANTIZERS:
+        raise MixqError(f"{path / 'config.json'}: quant_method {fmt!r} is not one mixq reads (awq, gptq)")
+    if fmt == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
+        raise MixqError(f"{path}: AWQ version {qc.get('version')!r}; only GEMM is read")
+    bits = int(qc.get("bits", qc.get("w_bit", 4)))
+    spec = spec_from_config({k: v for k, v in config.items() if k != "quantization_config"}, path / "config.json")
+    raw: dict[str, TensorRef] = {}
+    for file in weight_files(path):
+        raw.update(file_refs(file))
+    naming = "transformers" if any(".mlp.experts." in n or n.endswith(".mlp.gate.weight") for n in raw) \
+        else "classic"
+    tensors: dict[str, TensorRef] = {}
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        if name in raw:
+            tensors[name] = _float(raw[name], name, dtype)
+    for layer in range(spec.num_layers):
+        prefix = f"model.layers.{layer}."
+        for weight in arch.unquantized(spec):
+            module = weight[: -len(".weight")]
+            stored = f"{prefix}{arch.output_name(module, naming)}.weight"
+            tensors[prefix + weight] = _float(_need(raw, stored, path), prefix + weight, dtype)
+        for module in arch.linears(spec):
+            stored = prefix + arch.output_name(module, naming)
+            parts = {s: _need(raw, f"{stored}.{s}", path) for s in SUFFIXES[fmt]}
+            tensors[f"{prefix}{module}.weight"] = _dequantized(parts, fmt, bits, arch.shape(spec, module), dtype)
+    order = ["model.embed_tokens.weight"] + [n for n in tensors if n.startswith("model.layers.")] + \
+        [n for n in ("model.norm.weight", "lm_head.weight") if n in tensors]
+    generation = path / "generation_config.json"
+    return Checkpoint(layout=f"hf-{fmt}", path=path, spec=spec, tensors={n: tensors[n] for n in order},
+                      vocab=Vocab.from_hf_dir(path),
+                      generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
+                      source_config=config, files=weight_files(path))
+
+
+def _need(raw: dict[str, TensorRef], name: str, path: Path) -> TensorRef:
+    if name not in raw:
+        raise MixqError(f"{path}: missing tensor {name}")
+    return raw[name]
+
+
+def _float(ref: TensorRef, canonical: str, dtype: torch.dtype) -> TensorRef:
+    return TensorRef(shape=ref.shape, dtype=dtype, stored=ref.stored, source=ref.source,
+                     load=lambda: ref.load().to(dtype), release=ref.release, nbytes=ref.nbytes)
+
+
+def _dequantized(parts: dict[str, TensorRef], fmt: str, bits: int, shape: tuple[int, int],
+                 dtype: torch.dtype) -> TensorRef:
+    def load() -> torch.Tensor:
+        weight = DEQUANTIZERS[fmt]({s: ref.load() for s, ref in parts.items()}, bits).to(dtype)
+        if tuple(weight.shape) != shape:
+            raise MixqError(f"{parts['qweight'].source}: unpacks to {list(weight.shape)}, expected {list(shape)}")
+        return weight
+
+    def release() -> None:
+        for ref in parts.values():
+            ref.release()
+
+    return TensorRef(shape=shape, dtype=dtype, stored=f"{fmt.upper()}-{bits}bit", source=parts["qweight"].source,
+                     load=load, release=release, nbytes=sum(r.nbytes for r in parts.values()))

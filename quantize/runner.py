@@ -1,0 +1,384 @@
+"""The layer-streaming engine: one decoder layer in memory at a time, calibrated on the outputs of the layers
+already quantized, written as it is finished, resumable from the last finished layer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from convert import open_checkpoint
+from convert.checkpoint import Checkpoint
+from convert.errors import MixqError
+from convert.hf import config_from_spec, generation_config, shard_plan, shard_names, write_json, \
+    write_tokenizer_files, INDEX
+from convert.output import refuse_existing, replace_path
+from convert.progress import bar, note
+from convert.safetensors_io import SafetensorsFile, SafetensorsWriter, tensor_nbytes
+from convert.spec import ModelSpec
+
+from . import model as arch
+from .formats import PACKERS, packed_shapes
+from .forward import Rotary, decoder_layer
+from .quantizer import QuantizedWeight, Scheme
+
+OUTPUT_DTYPE = torch.float16    # what AWQ and GPTQ repositories store their floating-point tensors in
+STATE = "state.json"
+
+
+@dataclass
+class Settings:
+    method: str                          # "rtn" | "gptq" | "awq"
+    scheme: Scheme
+    fmt: str                             # "gptq" | "awq": the output format
+    expert_naming: str = "classic"
+    damp: float = 0.01                   # GPTQ
+    desc_act: bool = True
+    static_groups: bool = True
+    true_sequential: bool = True
+    block_size: int = 128
+    grid: int = 20                       # AWQ
+    clip: bool = True
+    duo_scaling: bool = True
+    scale_router: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
+    batch: int = 8                       # calibration samples per forward chunk
+    shard_size: int = 5_000_000_000
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["scheme"] = self.scheme.as_dict()
+        return d
+
+    def fingerprint(self) -> str:
+        keep = {k: v for k, v in self.as_dict().items() if k not in ("device", "batch")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LayerContext:
+    """What a method sees of one layer: its weights (mutable: AWQ rescales them) and its calibration inputs."""
+    index: int
+    spec: ModelSpec
+    weights: dict[str, torch.Tensor]     # layer-relative names with ".weight", compute dtype, on the device
+    x: torch.Tensor | None               # [samples, seqlen, hidden] inputs of the layer (None for RTN)
+    rope: Rotary | None
+    settings: Settings
+    stats: dict = field(default_factory=dict)
+
+    def chunks(self):
+        for start in range(0, self.x.shape[0], self.settings.batch):
+            yield slice(start, start + self.settings.batch)
+
+    def w(self, module: str) -> torch.Tensor:
+        return self.weights[f"{module}.weight"]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MixqError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device, ckpt: Checkpoint) -> torch.dtype:
+    if name != "auto":
+        return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
+    if device.type == "cpu":
+        return torch.float32
+    main = ckpt.main_dtype()
+    return main if main in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def validate(spec: ModelSpec, settings: Settings) -> None:
+    scheme = settings.scheme
+    bits_ok = {"awq": (4,), "gptq": (2, 4, 8)}[settings.fmt]
+    if scheme.bits not in bits_ok:
+        raise MixqError(f"--bits {scheme.bits}: the {settings.fmt.upper()} format holds "
+                        f"{' or '.join(map(str, bits_ok))}-bit weights")
+    if scheme.group_size <= 0:
+        raise MixqError(f"--group-size {scheme.group_size}: must be positive")
+    if settings.expert_naming not in arch.EXPERT_NAMINGS:
+        raise MixqError(f"unknown expert naming {settings.expert_naming!r} (choose from "
+                        f"{', '.join(arch.EXPERT_NAMINGS)})")
+    per = 32 // scheme.bits
+    for module in arch.linears(spec):
+        out_features, in_features = arch.shape(spec, module)
+        if in_features % scheme.group_size:
+            raise MixqError(f"model.layers.0.{module}: in_features {in_features} is not a multiple of "
+                            f"--group-size {scheme.group_size} (the {settings.fmt.upper()} format's consumers "
+                            f"require whole groups; nothing is padded)")
+        if out_features % (8 if settings.fmt == "awq" else per):
+            raise MixqError(f"model.layers.0.{module}: out_features {out_features} cannot be packed "
+                            f"{8 if settings.fmt == 'awq' else per} to a 32-bit word")
+
+
+def load_layer(ckpt: Checkpoint, layer: int, device, dtype) -> dict[str, torch.Tensor]:
+    prefix = f"model.layers.{layer}."
+    weights = {}
+    for name in ckpt.tensors:
+        if name.startswith(prefix):
+            weights[name[len(prefix):]] = ckpt.get(name).to(device=device, dtype=dtype)
+            ckpt.release(name)
+    return weights
+
+
+def layer_outputs(ctx: LayerContext, weights: dict[str, torch.Tensor], counts: torch.Tensor | None = None,
+                  reference: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
+    """The layer's outputs on its calibration inputs; with `reference` weights also the relative error of the
+    outputs against that unquantized layer."""
+    out = torch.empty_like(ctx.x)
+    err = ref_norm = 0.0
+    for chunk in ctx.chunks():
+        y = decoder_layer(ctx.x[chunk], weights, ctx.spec, ctx.rope, counts)
+        if reference is not None:
+            y_ref = decoder_layer(ctx.x[chunk], reference, ctx.spec, ctx.rope)
+            err += float((y - y_ref).float().pow(2).sum())
+            ref_norm += float((y_ref - ctx.x[chunk]).float().pow(2).sum())
+        out[chunk] = y
+    return out, (math.sqrt(err / ref_norm) if ref_norm else 0.0)
+
+
+def _method(name: str):
+    if name == "rtn":
+        from .rtn_method import quantize_layer
+    elif name == "gptq":
+        from .gptq_method import quantize_layer
+    elif name == "awq":
+        from .awq import quantize_layer
+    else:
+        raise MixqError(f"unknown method {name!r}")
+    return quantize_layer
+
+
+class Work:
+    """The folder beside the output where layers accumulate; it survives a crash so --resume can continue."""
+
+    def __init__(self, out: Path):
+        self.path = out.parent / f".{out.name}.mixq-partial"
+
+    def layer_file(self, layer: int) -> Path:
+        return self.path / f"layer-{layer:05d}.safetensors"
+
+    def state(self) -> dict | None:
+        try:
+            return json.loads((self.path / STATE).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def save(self, state: dict, hidden: torch.Tensor | None) -> None:
+        if hidden is not None:
+            tmp = self.path / "hidden.pt.partial"
+            torch.save(hidden.cpu(), tmp)
+            os.replace(tmp, self.path / "hidden.pt")
+        tmp = self.path / f"{STATE}.partial"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.path / STATE)
+
+    def hidden(self, device) -> torch.Tensor:
+        return torch.load(self.path / "hidden.pt", map_location=device, weights_only=True)
+
+
+def check_inputs(model: str | Path, out: str | Path, settings: Settings, force: bool = False) -> Checkpoint:
+    """Everything that can be refused before any work: the source, the settings, the output path."""
+    model = Path(model)
+    ckpt = open_checkpoint(model)
+    if ckpt.layout != "hf":
+        raise MixqError(f"{model}: quantization reads Hugging Face checkpoints, this is {ckpt.layout}; "
+                        f"convert it first: mixq convert {model} DIR --to hf")
+    validate(ckpt.spec, settings)
+    refuse_existing([Path(out)], force)
+    return ckpt
+
+
+def quantize_model(model: str | Path, out: str | Path, settings: Settings, blocks=None, force: bool = False,
+                   resume: bool = False) -> dict:
+    """Quantize the HF checkpoint `model` into a repository at `out`; returns the report."""
+    started = time.perf_counter()
+    model, out = Path(model), Path(out)
+    ckpt = check_inputs(model, out, settings, force)
+    spec = ckpt.spec
+    if settings.method != "rtn" and blocks is None:
+        raise MixqError(f"{settings.method.upper()} needs calibration data (--calib)")
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device, ckpt)
+    work = Work(out)
+    calibration = dict(blocks.provenance) if blocks is not None else None
+    key = {"settings": settings.fingerprint(), "model": str(model.resolve()),
+           "calibration": hashlib.sha256(blocks.tokens.numpy().tobytes()).hexdigest() if blocks is not None else None}
+    state = work.state() if resume else None
+    if state is not None and state.get("key") != key:
+        raise MixqError(f"{work.path}: was started with other settings, model or calibration; run without --resume "
+                        f"to start over")
+    if state is None:
+        shutil.rmtree(work.path, ignore_errors=True)
+        work.path.mkdir(parents=True)
+        state = {"key": key, "next_layer": 0, "layers": []}
+    elif state["next_layer"]:
+        note(f"resuming at layer {state['next_layer']} of {spec.num_layers}")
+
+    x = rope = None
+    if blocks is not None:
+        seqlen = blocks.tokens.shape[1]
+        rope = Rotary.build(spec, seqlen, device, dtype)
+        if state["next_layer"] == 0:
+            embed = ckpt.get("model.embed_tokens.weight")
+            x = embed[blocks.tokens].to(device=device, dtype=dtype)
+            ckpt.release("model.embed_tokens.weight")
+        else:
+            x = work.hidden(device)
+    quantize_layer = _method(settings.method)
+    with bar(total=spec.num_layers, initial=state["next_layer"], desc=f"{settings.method} layers",
+             unit="layer") as pbar:
+        for layer in range(state["next_layer"], spec.num_layers):
+            t0 = time.perf_counter()
+            weights = load_layer(ckpt, layer, device, dtype)
+            original = dict(weights) if x is not None else None
+            ctx = LayerContext(layer, spec, weights, x, rope, settings)
+            quantized = quantize_layer(ctx)
+            for module, qw in quantized.items():
+                weights[f"{module}.weight"] = qw.dequantize(dtype).to(device)
+            record = {"layer": layer, **ctx.stats}
+            if x is not None:
+                counts = torch.zeros(max(spec.num_experts, 1), dtype=torch.long)
+                x, record["output_error"] = layer_outputs(ctx, weights, counts, original)
+                if spec.is_moe:
+                    record["routed_tokens"] = counts.tolist()
+            _write_layer(work.layer_file(layer), layer, spec, quantized, weights, settings)
+            record["seconds"] = round(time.perf_counter() - t0, 3)
+            state["layers"].append(record)
+            state["next_layer"] = layer + 1
+            work.save(state, x)
+            del weights, original, ctx, quantized
+            pbar.update(1)
+            pbar.set_postfix(err=f"{record.get('output_error', 0):.4f}")
+
+    return _finish(ckpt, out, work, settings, state, calibration, device, dtype, force, started)
+
+
+def _write_layer(path: Path, layer: int, spec: ModelSpec, quantized: dict[str, QuantizedWeight],
+                 weights: dict[str, torch.Tensor], settings: Settings) -> None:
+    tensors = {}
+    prefix = f"model.layers.{layer}."
+    pack = PACKERS[settings.fmt]
+    for module in arch.linears(spec):
+        name = prefix + arch.output_name(module, settings.expert_naming)
+        for suffix, tensor in pack(quantized[module], settings.scheme).items():
+            tensors[f"{name}.{suffix}"] = tensor.cpu()
+    for weight in arch.unquantized(spec):
+        module = weight[: -len(".weight")]
+        tensors[f"{prefix}{arch.output_name(module, settings.expert_naming)}.weight"] = \
+            weights[weight].to(OUTPUT_DTYPE).cpu()
+    plan = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    tmp = path.with_name(path.name + ".partial")
+    with SafetensorsWriter(tmp, plan) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor.contiguous())
+    os.replace(tmp, path)
+
+
+def output_plan(spec: ModelSpec, settings: Settings) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Every tensor of the output repository, in order, with shape and dtype."""
+    h, v = spec.hidden_size, spec.vocab_size
+    plan = [("model.embed_tokens.weight", (v, h), OUTPUT_DTYPE)]
+    for layer in range(spec.num_layers):
+        prefix = f"model.layers.{layer}."
+        for module in arch.linears(spec):
+            name = prefix + arch.output_name(module, settings.expert_naming)
+            out_features, in_features = arch.shape(spec, module)
+            for suffix, (shape, dtype) in packed_shapes(settings.fmt, out_features, in_features,
+                                                        settings.scheme).items():
+                plan.append((f"{name}.{suffix}", shape, dtype))
+        for weight in arch.unquantized(spec):
+            module = weight[: -len(".weight")]
+            shape = (spec.num_experts, h) if module == arch.ROUTER else (h,)
+            plan.append((f"{prefix}{arch.output_name(module, settings.expert_naming)}.weight", shape, OUTPUT_DTYPE))
+    plan.append(("model.norm.weight", (h,), OUTPUT_DTYPE))
+    if not spec.tie_word_embeddings:
+        plan.append(("lm_head.weight", (v, h), OUTPUT_DTYPE))
+    return plan
+
+
+def quantization_config(settings: Settings, spec: ModelSpec) -> dict:
+    s = settings.scheme
+    if settings.fmt == "awq":
+        return {"quant_method": "awq", "zero_point": not s.sym, "group_size": s.group_size, "bits": s.bits,
+                "version": "gemm", "modules_to_not_convert": ["gate"] if spec.is_moe else None}
+    # act-order with static groups leaves g_idx in column order: to a kernel that is the plain layout
+    return {"bits": s.bits, "group_size": s.group_size, "damp_percent": settings.damp,
+            "desc_act": settings.desc_act and not settings.static_groups, "static_groups": settings.static_groups,
+            "sym": s.sym,
+            "true_sequential": settings.true_sequential, "model_name_or_path": None,
+            "model_file_base_name": "model", "quant_method": "gptq", "checkpoint_format": "gptq",
+            "modules_to_not_convert": ["gate"] if spec.is_moe else None}
+
+
+def _finish(ckpt: Checkpoint, out: Path, work: Work, settings: Settings, state: dict, calibration: dict | None,
+            device, dtype, force: bool, started: float) -> dict:
+    """Assemble the layer files and the rest of the repository into shards, then move it into place."""
+    spec = ckpt.spec
+    final = work.path / "repo"
+    shutil.rmtree(final, ignore_errors=True)
+    final.mkdir()
+    plan = output_plan(spec, settings)
+    layer_files: dict[int, SafetensorsFile] = {}
+
+    def produce(name: str) -> torch.Tensor:
+        if name.startswith("model.layers."):
+            layer = int(name.split(".")[2])
+            if layer not in layer_files:
+                layer_files.clear()
+                layer_files[layer] = SafetensorsFile(work.layer_file(layer))
+            return layer_files[layer].get(name)
+        tensor = ckpt.get(name).to(OUTPUT_DTYPE)
+        ckpt.release(name)
+        return tensor
+
+    shards = shard_plan(plan, settings.shard_size)
+    names = shard_names(len(shards))
+    weight_map = {}
+    for shard, file_name in zip(shards, names):
+        with SafetensorsWriter(final / file_name, shard) as writer:
+            for name, _, _ in shard:
+                writer.write(name, produce(name).contiguous())
+                weight_map[name] = file_name
+    if len(shards) > 1:
+        write_json(final / INDEX, {"metadata": {"total_size": sum(tensor_nbytes(s, d) for _, s, d in plan)},
+                                   "weight_map": dict(sorted(weight_map.items()))})
+    config = config_from_spec(spec, OUTPUT_DTYPE, ckpt.source_config)
+    config["quantization_config"] = quantization_config(settings, spec)
+    write_json(final / "config.json", config)
+    if settings.fmt == "gptq":
+        write_json(final / "quantize_config.json", config["quantization_config"])
+    write_json(final / "generation_config.json", ckpt.generation_config or generation_config(spec))
+    write_tokenizer_files(final, ckpt.vocab)
+    report = {
+        "method": settings.method, "format": settings.fmt, "settings": settings.as_dict(),
+        "model": str(ckpt.path), "architecture": spec.arch, "calibration": calibration,
+        "device": str(device), "compute_dtype": str(dtype).replace("torch.", ""),
+        "layers": state["layers"], "files": sorted(p.name for p in final.iterdir()),
+        "bytes": sum(p.stat().st_size for p in final.iterdir() if p.is_file()),
+    }
+    if spec.is_moe and state["layers"] and "routed_tokens" in state["layers"][0]:
+        routed = [r["routed_tokens"] for r in state["layers"]]
+        report["expert_coverage"] = {"min_routed_tokens": min(min(r) for r in routed),
+                                     "experts_without_routed_tokens": sum(c == 0 for r in routed for c in r),
+                                     "quantized_from_all_tokens": settings.method == "gptq"}
+    layer_files.clear()
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    write_json(final / "report.json", report)
+    report["files"].append("report.json")
+    refuse_existing([out], force)
+    replace_path(final, out)
+    shutil.rmtree(work.path, ignore_errors=True)
+    return report

@@ -1,0 +1,280 @@
+"""The quantization engine and GPTQ: reference forward, format against an independent unpacker, a real consumer,
+experts without routed tokens, resume, bad input."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from calibration import Blocks, prepare
+from convert import MixqError, convert_checkpoint, open_checkpoint
+from quantize import Scheme, Settings, quantize_model
+from quantize.formats import pack_gptq
+from quantize.forward import Rotary, decoder_layer, rms_norm
+from quantize.gptq import Hessian, gptq_quantize
+from quantize.quantizer import rtn
+from quantize.repository import read_quantized
+from tests.models import native_state, tiny_params, write_torrent
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS = [1, 733, 16289, 28793, 1824, 349, 574, 16020, 2076, 2487, 28804, 733, 28748, 16289, 28793, 22557, 1526]
+
+
+def tiny_hf(path: Path, arch="mixtral", seed=0, decisive_router=True, **shape) -> Path:
+    """A tiny model with hidden size 128 (one group of 128); a router scaled so routing has clear margins."""
+    params = tiny_params(arch, **({"dim": 128, "hidden_dim": 256} | shape))
+    state = native_state(params, torch.float32, seed)
+    if decisive_router:
+        for name in state:
+            if name.endswith("feed_forward.gate.weight"):
+                state[name] *= 20
+    write_torrent(path / "src", params, state)
+    convert_checkpoint(path / "src", path / "hf", "hf")
+    return path / "hf"
+
+
+def forward_logits(ckpt, tokens) -> torch.Tensor:
+    """The engine's reference forward over a whole checkpoint (canonical tensors, fp32)."""
+    spec = ckpt.spec
+    x = ckpt.get("model.embed_tokens.weight").float()[torch.tensor([tokens])]
+    rope = Rotary.build(spec, len(tokens), "cpu", torch.float32)
+    for layer in range(spec.num_layers):
+        prefix = f"model.layers.{layer}."
+        weights = {n[len(prefix):]: ckpt.get(n).float() for n in ckpt.tensors if n.startswith(prefix)}
+        x = decoder_layer(x, weights, spec, rope)
+    head = ckpt.get("model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight").float()
+    return (rms_norm(x, ckpt.get("model.norm.weight").float(), spec.rms_norm_eps) @ head.T)[0]
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    return tiny_hf(tmp_path_factory.mktemp("mixtral"))
+
+
+@pytest.fixture(scope="module")
+def blocks(mixtral):
+    return prepare(mixtral, "kjv", samples=8, seqlen=64)
+
+
+# ---- the reference forward ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["mixtral", "mistral", "llama"])
+def test_reference_forward_equals_transformers(tmp_path, arch):
+    hf = tiny_hf(tmp_path, "mistral" if arch == "llama" else arch, decisive_router=False)
+    if arch == "llama":  # the same weights as a Llama checkpoint
+        config = json.loads((hf / "config.json").read_text())
+        config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+        config.pop("sliding_window")
+        (hf / "config.json").write_text(json.dumps(config))
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    assert type(model).__name__.lower().startswith(arch)
+    with torch.no_grad():
+        expected = model(torch.tensor([TOKENS])).logits[0]
+    assert torch.allclose(forward_logits(open_checkpoint(hf), TOKENS), expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- the GPTQ format against an unpacker written from its specification --------------------------------------
+
+def unpack_gptq_from_spec(qweight, qzeros, scales, g_idx, bits):
+    """AutoGPTQ v1, element by element: q[8r+j, o] is nibble j of qweight[r, o]; zero = stored nibble + 1 (mod
+    16); W[o, k] = scale[g_idx[k], o] * (q[k, o] - zero[g_idx[k], o])."""
+    qweight, qzeros = qweight.numpy().view(np.uint32), qzeros.numpy().view(np.uint32)
+    per, mask = 32 // bits, (1 << bits) - 1
+    in_features, out_features = qweight.shape[0] * per, qweight.shape[1]
+    w = np.zeros((out_features, in_features), dtype=np.float64)
+    for k in range(in_features):
+        g = int(g_idx[k])
+        for o in range(out_features):
+            q = (int(qweight[k // per, o]) >> (bits * (k % per))) & mask
+            z = (((int(qzeros[g, o // per]) >> (bits * (o % per))) & mask) + 1) & mask
+            w[o, k] = float(scales[g, o]) * (q - z)
+    return torch.from_numpy(w)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
+def test_gptq_format_against_spec_unpacker(sym, act_order, static):
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    x = torch.randn(256, 64) * torch.linspace(0.1, 3, 64)
+    hessian = Hessian(64, "cpu")
+    hessian.add(x)
+    scheme = Scheme(4, 16, sym=sym)
+    result = gptq_quantize(w, hessian.value(), scheme, act_order=act_order, static_groups=static)
+    packed = pack_gptq(result.weight, scheme)
+    assert packed["qweight"].shape == (8, 16) and packed["qzeros"].shape == (4, 2)
+    assert packed["scales"].dtype == torch.float16 and packed["g_idx"].dtype == torch.int32
+    unpacked = unpack_gptq_from_spec(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], 4)
+    assert torch.equal(unpacked.float(), result.weight.dequantize())
+    monotonic = bool((packed["g_idx"][1:] >= packed["g_idx"][:-1]).all())
+    assert monotonic == (not act_order or static)
+    if sym:
+        assert (packed["qzeros"].numpy().view(np.uint32) == 0x77777777).all()
+
+
+def test_gptq_beats_round_to_nearest_on_its_inputs():
+    torch.manual_seed(1)
+    w = torch.randn(64, 256)
+    x = torch.randn(2048, 256) @ torch.randn(256, 256) * 0.1
+    hessian = Hessian(256, "cpu")
+    hessian.add(x)
+    scheme = Scheme(4, 64, sym=True)
+    error = lambda q: ((x @ (w - q).T).norm() / (x @ w.T).norm()).item()  # noqa: E731
+    assert error(gptq_quantize(w, hessian.value(), scheme).weight.dequantize()) < \
+        0.8 * error(rtn(w, scheme).dequantize())
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------
+
+def run_consumer(repo: Path, tokens) -> torch.Tensor:
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/consumer.py"), str(repo), json.dumps(tokens)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_transformers_and_gptqmodel_load_the_gptq_mixtral(tmp_path, mixtral, blocks, sym):
+    settings = Settings(method="gptq", scheme=Scheme(4, 128, sym=sym), fmt="gptq", expert_naming="transformers")
+    quantize_model(mixtral, tmp_path / "q", settings, blocks)
+    expected = forward_logits(read_quantized(tmp_path / "q"), TOKENS)
+    logits = run_consumer(tmp_path / "q", TOKENS)
+    # GPTQModel's CPU kernel dequantizes to bf16: agreement to ~1% of the logit range
+    assert (logits - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def test_random_experts_fail_the_consumer_check(tmp_path, mixtral, blocks):
+    """Classic expert names are what vLLM/TGI read; transformers 5 + defuser silently leaves those experts
+    random (or fails): the logits check must not pass."""
+    settings = Settings(method="gptq", scheme=Scheme(4, 128, sym=False), fmt="gptq", expert_naming="classic")
+    quantize_model(mixtral, tmp_path / "q", settings, blocks)
+    expected = forward_logits(read_quantized(tmp_path / "q"), TOKENS)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/consumer.py"), str(tmp_path / "q"), json.dumps(TOKENS)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if proc.returncode == 0:
+        logits = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+        assert (logits - expected).abs().max() > 0.1 * expected.abs().max()
+
+
+def test_experts_without_routed_tokens_are_quantized_from_all_tokens(tmp_path, mixtral):
+    """One repeated token routes every position to the same two experts; the other two still get GPTQ."""
+    calib = Blocks(torch.full((4, 32), 1824, dtype=torch.long), {"source": "one repeated token"})
+    settings = Settings(method="gptq", scheme=Scheme(4, 128, sym=True), fmt="gptq")
+    report = quantize_model(mixtral, tmp_path / "q", settings, calib)
+    routed = report["layers"][0]["routed_tokens"]
+    idle = [e for e, n in enumerate(routed) if n == 0]
+    assert len(idle) == 2 and report["expert_coverage"]["experts_without_routed_tokens"] >= 2
+    quantized = read_quantized(tmp_path / "q")
+    source = open_checkpoint(mixtral)
+    for e in idle:
+        for proj in ("w1", "w2", "w3"):
+            name = f"model.layers.0.block_sparse_moe.experts.{e}.{proj}.weight"
+            w = source.get(name)
+            q = quantized.get(name)
+            assert torch.isfinite(q).all()
+            assert not torch.equal(q, rtn(w, Scheme(4, 128, sym=True)).dequantize())  # GPTQ, not a fallback
+            assert report["layers"][0]["gptq_loss"][name.split(".", 3)[3][: -len(".weight")]] > 0
+
+
+def test_report_and_files(cli, tmp_path, mixtral):
+    out = tmp_path / "q"
+    result = cli("quantize", "gptq", mixtral, out, "--calib", "kjv", "--samples", 4, "--seqlen", 32, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "quantize_config.json", "report.json", "generation_config.json", "tokenizer.json",
+            "tokenizer.model", "model.safetensors"} <= files
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == 128 and qc["sym"] is True
+    assert qc["checkpoint_format"] == "gptq" and qc["static_groups"] is True and qc["desc_act"] is False
+    assert json.loads((out / "quantize_config.json").read_text()) == qc
+    assert report["calibration"]["samples"] == 4 and report["calibration"]["source"] == "kjv"
+    assert len(report["layers"]) == 2 and all(layer["seconds"] > 0 for layer in report["layers"])
+    assert all(0 < layer["output_error"] < 1 for layer in report["layers"])
+    assert len(report["layers"][0]["routed_tokens"]) == 4 and sum(report["layers"][0]["routed_tokens"]) == 2 * 4 * 32
+    from safetensors import safe_open
+    keys = set(safe_open(out / "model.safetensors", "pt").keys())
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.qweight" in keys
+    assert "model.layers.0.block_sparse_moe.gate.weight" in keys  # the router stays in fp16
+    assert not any(k.startswith("model.layers.0.block_sparse_moe.gate.q") for k in keys)
+
+
+def test_transformers_expert_naming(tmp_path, mixtral, blocks):
+    settings = Settings(method="rtn", scheme=Scheme(4, 128, sym=True), fmt="gptq", expert_naming="transformers")
+    quantize_model(mixtral, tmp_path / "q", settings)
+    from safetensors import safe_open
+    keys = set(safe_open(tmp_path / "q/model.safetensors", "pt").keys())
+    assert "model.layers.1.mlp.experts.2.down_proj.qweight" in keys and "model.layers.1.mlp.gate.weight" in keys
+    assert not any("block_sparse_moe" in k for k in keys)
+
+
+def _digests(path: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir() if p.name != "report.json"}
+
+
+def test_resume_is_byte_identical(tmp_path, mixtral, blocks, monkeypatch):
+    settings = Settings(method="gptq", scheme=Scheme(4, 128, sym=False), fmt="gptq")
+    quantize_model(mixtral, tmp_path / "whole", settings, blocks)
+    import quantize.runner as runner
+    real = runner._write_layer
+
+    def crash_after_first(path, layer, *args):
+        if layer == 1:
+            raise KeyboardInterrupt("killed")
+        return real(path, layer, *args)
+
+    monkeypatch.setattr(runner, "_write_layer", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(mixtral, tmp_path / "resumed", settings, blocks)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.mixq-partial").is_dir()
+    monkeypatch.setattr(runner, "_write_layer", real)
+    report = quantize_model(mixtral, tmp_path / "resumed", settings, blocks, resume=True)
+    assert [layer["layer"] for layer in report["layers"]] == [0, 1]
+    assert _digests(tmp_path / "whole") == _digests(tmp_path / "resumed")
+    assert not (tmp_path / ".resumed.mixq-partial").exists()
+
+
+def test_deterministic(tmp_path, mixtral, blocks):
+    settings = Settings(method="gptq", scheme=Scheme(4, 128, sym=True), fmt="gptq")
+    quantize_model(mixtral, tmp_path / "a", settings, blocks)
+    quantize_model(mixtral, tmp_path / "b", settings, blocks)
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+def _fails(cli, tmp_path, *args, match):
+    out = tmp_path / "out"
+    result = cli("quantize", *args[:1], *args[1:2], out, *args[2:])
+    assert result.exit_code == 1, result.output
+    assert match in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_non_hf_source(cli, tmp_path, mixtral):
+    _fails(cli, tmp_path, "gptq", mixtral.parent / "src", match="quantization reads Hugging Face checkpoints")
+
+
+def test_bits_the_format_cannot_hold(cli, tmp_path, mixtral):
+    _fails(cli, tmp_path, "gptq", mixtral, "--bits", "3", match="--bits 3: the GPTQ format holds")
+    _fails(cli, tmp_path, "rtn", mixtral, "--format", "awq", "--bits", "8", match="AWQ format holds 4-bit")
+
+
+def test_group_size_that_does_not_divide(cli, tmp_path):
+    hf = tiny_hf(tmp_path, dim=96, hidden_dim=192, heads=4, kv_heads=2)
+    _fails(cli, tmp_path, "rtn", hf, "--group-size", "64",
+           match="model.layers.0.self_attn.q_proj: in_features 96 is not a multiple of --group-size 64")
+
+
+def test_calibration_shorter_than_requested(cli, tmp_path, mixtral):
+    text = tmp_path / "short.txt"
+    text.write_text("Only a few words of calibration text.")
+    _fails(cli, tmp_path, "gptq", mixtral, "--calib", text, "--samples", "8", "--seqlen", "64",
+           match="fewer than the 8 requested")
