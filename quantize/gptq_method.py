@@ -4,7 +4,6 @@ already quantized; without it, every stage sees the unquantized layer."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from . import model as arch

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from calibration import Blocks, prepare
-from convert import MixqError, convert_checkpoint, open_checkpoint
+from convert import convert_checkpoint, open_checkpoint
 from quantize import Scheme, Settings, quantize_model
 from quantize.formats import pack_gptq
 from quantize.forward import Rotary, decoder_layer, rms_norm
