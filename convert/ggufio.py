@@ -418,32 +418,33 @@ def write_gguf(ckpt: Checkpoint, path: Path, type_name: str, file_type: int,
 
             def encode(name, p=p, heads=heads):
                 tensor = ckpt.get(name)
-                data = _encode(half_to_interleaved(tensor, heads) if heads else tensor, p.type_name)
-                ckpt.release(name)
-                return data
+                return name, _encode(half_to_interleaved(tensor, heads) if heads else tensor, p.type_name)
 
             # stacked experts are written one expert at a time, the next one encoded while one is written
             encoded = pool.map(encode, p.sources) if len(p.sources) > 1 else map(encode, p.sources)
-            _write_tensor(writer, encoded, _nbytes(p.shape, p.type_name))
+            _write_tensor(writer, encoded, _nbytes(p.shape, p.type_name), written=ckpt.release)
             pbar.update(_nbytes(p.shape, p.type_name))
     writer.close()
     return paths
 
 
-def _write_tensor(writer, parts, nbytes: int) -> None:
-    """GGUFWriter.write_tensor_data for a tensor that arrives in parts (the experts of a stacked tensor):
-    the same bytes, without holding the whole tensor."""
+def _write_tensor(writer, parts, nbytes: int, written=None) -> None:
+    """GGUFWriter.write_tensor_data for a tensor that arrives in (source name, bytes) parts (the experts of a
+    stacked tensor): the same bytes, without holding the whole tensor; `written(name)` after each part."""
     gguf = _gguf()
     file_id = next(i for i, tensors in enumerate(writer.tensors) if tensors)
     fout = writer.fout[file_id]
     info = writer.tensors[file_id].pop(next(iter(writer.tensors[file_id])))
     writer.write_padding(fout, fout.tell())
-    written = 0
-    for part in parts:
+    total = 0
+    for name, part in parts:
         part.tofile(fout)
-        written += part.nbytes
-    if written != nbytes or info.nbytes != nbytes:
-        raise AssertionError(f"wrote {written} bytes for a tensor of {info.nbytes}")
+        total += part.nbytes
+        del part
+        if written is not None:
+            written(name)
+    if total != nbytes or info.nbytes != nbytes:
+        raise AssertionError(f"wrote {total} bytes for a tensor of {info.nbytes}")
     writer.write_padding(fout, nbytes)
     writer.state = gguf.gguf_writer.WriterState.WEIGHTS
 

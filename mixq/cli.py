@@ -327,6 +327,29 @@ def quantize_gptq(model, out, sym, damp, desc_act, static_groups, true_sequentia
     return dict(result, output=out), render
 
 
+@quantize_group.command("awq")
+@click.argument("model", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@calibration_options
+@engine_options
+@click.option("--zero-point/--no-zero-point", default=True, show_default=True,
+              help="Asymmetric groups with a zero point (AutoAWQ's default) or symmetric ones.")
+@click.option("--version", "version", type=click.Choice(["gemm"]), default="gemm", show_default=True,
+              help="Packed layout (GEMM: what vLLM, TGI and transformers load).")
+@click.option("--grid", default=20, show_default=True, help="Points of the scale search.")
+@click.option("--no-clip", is_flag=True, help="Skip the clipping search.")
+@click.option("--duo-scaling/--no-duo-scaling", default=True, show_default=True,
+              help="Scales from activations and weights (AutoAWQ's default) or activations only.")
+@click.option("--no-router-scaling", is_flag=True,
+              help="Leave the MoE router reading the rescaled norm, as AutoAWQ does (for comparison only).")
+@command
+def quantize_awq(model, out, zero_point, version, grid, no_clip, duo_scaling, no_router_scaling, **kwargs):
+    """AWQ, 4-bit group 128 GEMM by default (AutoAWQ's settings), the MoE router rescaled with its experts."""
+    extra = {"grid": grid, "clip": not no_clip, "duo_scaling": duo_scaling, "scale_router": not no_router_scaling}
+    result, render = _run_quantize("awq", model, out, "awq", not zero_point, extra, kwargs)
+    return dict(result, output=out), render
+
+
 def run():  # console script entry
     main(prog_name="mixq")
 

@@ -91,3 +91,58 @@ def test_report_states_settings(results):
     report = json.loads((repo / "report.json").read_text())
     assert report["settings"]["scheme"]["group_size"] == GROUP and report["settings"]["desc_act"] is True
     assert report["calibration"]["source"] == "kjv" and report["calibration"]["tokens"] == 16 * 512
+
+
+@pytest.fixture(scope="module")
+def awq_calibration(smol, tokenizer):
+    return prepare(smol, "kjv", samples=8, seqlen=256, seed=0, tokenizer=tokenizer)
+
+
+def test_awq_beats_asymmetric_round_to_nearest(results, baseline, awq_calibration):
+    get, _ = results
+    _, rtn = get("rtn-asym", Settings(method="rtn", scheme=Scheme(4, GROUP, sym=False, rule="awq"), fmt="awq"))
+    _, awq = get("awq", Settings(method="awq", scheme=Scheme(4, GROUP, rule="awq"), fmt="awq"), awq_calibration)
+    assert (awq - baseline) <= 0.75 * (rtn - baseline), (baseline, rtn, awq)
+
+
+def test_consumer_loads_the_awq_smollm2(results, awq_calibration):
+    get, _ = results
+    repo, _ = get("awq", Settings(method="awq", scheme=Scheme(4, GROUP, rule="awq"), fmt="awq"), awq_calibration)
+    tokens = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 28, 7018, 411, 407, 9224, 2]
+    expected = forward_logits(read_quantized(repo), tokens)
+    logits = run_consumer(repo, tokens)
+    assert (logits - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+# ---- an MoE upcycled from the real model -------------------------------------------------------------------
+
+def test_upcycled_moe_equals_the_dense_model(tmp_path, smol):
+    """Copies of the dense MLP as experts: whatever the router does, the logits are the dense model's. An exact
+    check of every MoE path: upcycling, the Mixtral layout, routing, and transformers' loading of it."""
+    from transformers import AutoModelForCausalLM
+    from tests.upcycle import upcycle
+    moe = upcycle(smol, tmp_path / "moe")
+    tokens = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 28, 7018]])
+    with torch.no_grad():
+        dense = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32)(tokens).logits
+        mixtral = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32)
+        assert type(mixtral).__name__ == "MixtralForCausalLM"
+        assert torch.allclose(mixtral(tokens).logits, dense, atol=1e-4)
+    assert torch.allclose(forward_logits(open_checkpoint(moe), tokens[0].tolist()), dense[0], atol=1e-4)
+
+
+def test_router_rescaling_beats_autoawqs_recipe(tmp_path, smol, tokenizer, windows):
+    """AWQ on an upcycled MoE (experts made distinct by noise, so routing matters): folding the scales into the
+    router too must do at least as well as leaving it reading the rescaled norm (AutoAWQ's Mixtral recipe)."""
+    from tests.upcycle import upcycle
+    moe = upcycle(smol, tmp_path / "moe", noise=0.3, seed=1)
+    blocks = prepare(moe, "kjv", samples=4, seqlen=128, tokenizer=tokenizer)
+    short = make_windows(windows.tokens.flatten().tolist(), 512, max_tokens=4 * 512)
+    ppl = {}
+    for rescale in (True, False):
+        settings = Settings(method="awq", scheme=Scheme(4, GROUP, rule="awq"), fmt="awq", scale_router=rescale)
+        quantize_model(moe, tmp_path / f"awq-{rescale}", settings, blocks)
+        result = perplexity(read_quantized(tmp_path / f"awq-{rescale}"), short, reference=open_checkpoint(moe))
+        ppl[rescale] = result
+    assert ppl[True]["perplexity"] <= ppl[False]["perplexity"] * 1.001, ppl
+    assert ppl[True]["kl"] <= ppl[False]["kl"], ppl

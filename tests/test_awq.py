@@ -1,0 +1,118 @@
+"""AWQ: the GEMM format against an unpacker written from its specification, scale invariance (router included),
+a real consumer, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from calibration import prepare
+from convert import open_checkpoint
+from quantize import Scheme, Settings, quantize_model
+from quantize.awq import apply_scales
+from quantize.formats import pack_awq
+from quantize.forward import Rotary, decoder_layer, rms_norm, route
+from quantize.quantizer import rtn
+from quantize.repository import read_quantized
+from quantize.runner import load_layer
+from tests.test_quantize_engine import TOKENS, forward_logits, run_consumer, tiny_hf
+
+AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]   # where output column 8c + j sits among a word's nibbles
+
+
+def unpack_awq_from_spec(qweight, qzeros, scales, group):
+    """AutoAWQ GEMM, element by element: q[k, 8c+j] = nibble AWQ_REVERSE_ORDER[j] of qweight[k, c]; zeros the
+    same way, unshifted; W[o, k] = (q[k, o] - z[k // group, o]) * scales[k // group, o]."""
+    qweight, qzeros = qweight.numpy().view(np.uint32), qzeros.numpy().view(np.uint32)
+    in_features, out_features = qweight.shape[0], qweight.shape[1] * 8
+    w = np.zeros((out_features, in_features), dtype=np.float64)
+    for k in range(in_features):
+        g = k // group
+        for o in range(out_features):
+            shift = 4 * AWQ_REVERSE_ORDER[o % 8]
+            q = (int(qweight[k, o // 8]) >> shift) & 0xF
+            z = (int(qzeros[g, o // 8]) >> shift) & 0xF
+            w[o, k] = (q - z) * float(scales[g, o])
+    return torch.from_numpy(w)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_gemm_format_against_spec_unpacker(sym):
+    torch.manual_seed(0)
+    w = torch.randn(24, 64) * torch.linspace(0.2, 2, 64)
+    scheme = Scheme(4, 32, sym=sym, rule="awq")
+    qw = rtn(w, scheme)
+    packed = pack_awq(qw, scheme)
+    assert packed["qweight"].shape == (64, 3) and packed["qzeros"].shape == (2, 3)
+    assert packed["scales"].shape == (2, 24) and packed["scales"].dtype == torch.float16
+    assert torch.equal(unpack_awq_from_spec(packed["qweight"], packed["qzeros"], packed["scales"], 32).float(),
+                       qw.dequantize())
+    if sym:  # no zero point: symmetric codes stored around 8
+        assert (qw.zeros == 8).all()
+
+
+def test_awq_layer_files_unpack_to_what_the_engine_used(tmp_path):
+    hf = tiny_hf(tmp_path)
+    blocks = prepare(hf, "kjv", samples=4, seqlen=32)
+    settings = Settings(method="awq", scheme=Scheme(4, 128, rule="awq"), fmt="awq")
+    report = quantize_model(hf, tmp_path / "q", settings, blocks)
+    from safetensors import safe_open
+    with safe_open(tmp_path / "q/model.safetensors", "pt") as f:
+        parts = {s: f.get_tensor(f"model.layers.1.self_attn.o_proj.{s}") for s in ("qweight", "qzeros", "scales")}
+    unpacked = unpack_awq_from_spec(parts["qweight"], parts["qzeros"], parts["scales"], 128).float()
+    assert torch.equal(unpacked, read_quantized(tmp_path / "q").get("model.layers.1.self_attn.o_proj.weight"))
+    config = json.loads((tmp_path / "q/config.json").read_text())["quantization_config"]
+    assert config == {"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4, "version": "gemm",
+                      "modules_to_not_convert": ["gate"]}
+    assert set(report["layers"][0]["awq_scale_ratio"]) == {"attn", "mlp", "down0", "down1", "down2", "down3"}
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "mistral"])
+def test_scale_invariance(tmp_path, arch):
+    """Before quantization, folding any scales in leaves the layer's output (and the router logits) unchanged."""
+    hf = tiny_hf(tmp_path, arch, heads=4, kv_heads=4)  # MHA, so o is scaled after v too
+    ckpt = open_checkpoint(hf)
+    spec = ckpt.spec
+    weights = load_layer(ckpt, 0, "cpu", torch.float64)
+    x = torch.randn(2, 16, spec.hidden_size, dtype=torch.float64)
+    rope = Rotary.build(spec, 16, "cpu", torch.float64)
+    expected = decoder_layer(x, weights, spec, rope)
+    g = torch.Generator().manual_seed(0)
+    scale = lambda n: torch.exp(torch.randn(n, generator=g, dtype=torch.float64))  # noqa: E731
+    scales = {"attn": scale(spec.hidden_size), "o": scale(spec.hidden_size), "mlp": scale(spec.hidden_size)}
+    if spec.is_moe:
+        scales |= {f"down{e}": scale(spec.intermediate_size) for e in range(spec.num_experts)}
+    else:
+        scales["down"] = scale(spec.intermediate_size)
+    scaled = dict(weights)
+    apply_scales(scaled, spec, scales)
+    assert torch.allclose(decoder_layer(x, scaled, spec, rope), expected, rtol=1e-10, atol=1e-10)
+    if spec.is_moe:
+        h = rms_norm(x, weights["post_attention_layernorm.weight"], spec.rms_norm_eps)
+        h_scaled = rms_norm(x, scaled["post_attention_layernorm.weight"], spec.rms_norm_eps)
+        logits = route(h, weights["block_sparse_moe.gate.weight"], 2)[0]
+        assert torch.allclose(route(h_scaled, scaled["block_sparse_moe.gate.weight"], 2)[0], logits, rtol=1e-10)
+        unscaled_router = dict(weights)
+        apply_scales(unscaled_router, spec, scales, scale_router=False)  # AutoAWQ's Mixtral recipe
+        moved = route(h_scaled, unscaled_router["block_sparse_moe.gate.weight"], 2)[0]
+        assert (moved - logits).abs().max() > 0.1 * logits.abs().max()
+
+
+def test_transformers_and_gptqmodel_load_the_awq_mixtral(tmp_path):
+    hf = tiny_hf(tmp_path)
+    blocks = prepare(hf, "kjv", samples=8, seqlen=64)
+    settings = Settings(method="awq", scheme=Scheme(4, 128, rule="awq"), fmt="awq", expert_naming="transformers")
+    quantize_model(hf, tmp_path / "q", settings, blocks)
+    expected = forward_logits(read_quantized(tmp_path / "q"), TOKENS)
+    logits = run_consumer(tmp_path / "q", TOKENS)
+    assert (logits - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def test_awq_bad_input(cli, tmp_path):
+    hf = tiny_hf(tmp_path)
+    for args, match in ((["--bits", "8"], "--bits 8: the AWQ format holds 4-bit"),
+                        (["--group-size", "96"], "in_features 128 is not a multiple of --group-size 96")):
+        result = cli("quantize", "awq", hf, tmp_path / "out", *args)
+        assert result.exit_code == 1 and match in result.stderr, result.stderr
+        assert not (tmp_path / "out").exists()
