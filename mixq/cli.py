@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -219,6 +220,104 @@ def calibration_inspect(path):
     return result, lambda r: table([("file", path), ("shape", r["shape"])] + _provenance_rows(r))
 
 
+# ---- check --------------------------------------------------------------------------------------------------
+
+def check_options(fn, prefix: str = ""):
+    """Evaluation and generation options, shared by `check` and the quantize commands' --check."""
+    options = [
+        click.option("--eval", "eval_source", default="shakespeare", show_default=True,
+                     help="Evaluation text (same sources as --calib; Hub presets use their test split)."),
+        click.option(f"--{prefix}method", "eval_method", type=click.Choice(["windows", "llamacpp"]), default="windows",
+                     show_default=True, help="windows: non-overlapping windows, every position scored (AWQ/GPTQ "
+                                             "papers); llamacpp: BOS-led chunks, second half scored."),
+        click.option(f"--{prefix}seqlen", "eval_seqlen", default=2048, show_default=True,
+                     help="Tokens per perplexity window."),
+        click.option("--max-tokens", "max_tokens", type=int, default=None, help="Evaluate on at most this many "
+                                                                                 "tokens of the text."),
+        click.option("--prompt", "prompts", multiple=True, help="A generation prompt (repeatable), rendered with "
+                                                                 "the chat template; default: two built-in ones."),
+        click.option("--max-new-tokens", default=128, show_default=True, help="0 skips generation."),
+        click.option("--temperature", default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-p", default=1.0, show_default=True),
+        click.option("--sample-seed" if prefix else "--seed", "sample_seed", default=0, show_default=True,
+                     help="Seed for sampling."),
+        click.option("--eval-batch", "eval_batch", default=4, show_default=True, help="Windows per forward pass."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def check_kwargs(kwargs: dict) -> dict:
+    names = {"eval_source": "eval_source", "eval_method": "method", "eval_seqlen": "seqlen", "max_tokens": "max_tokens",
+             "prompts": "prompts", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
+             "top_p": "top_p", "sample_seed": "seed", "eval_batch": "batch"}
+    out = {target: kwargs.pop(source) for source, target in names.items()}
+    out["prompts"] = list(out["prompts"]) or None
+    return out
+
+
+def _stream(quiet: bool):
+    if quiet:
+        return None
+    state = {"index": None}
+
+    def show(index, piece):
+        if state["index"] != index:
+            click.echo(f"\n[{index + 1}] ", nl=False, err=True)
+            state["index"] = index
+        click.echo(piece, nl=False, err=True)
+    return show
+
+
+def _render_check(r: dict) -> str:
+    rows = [("model", f"{r['model']} ({r['layout']})")]
+    if r.get("reference"):
+        rows.append(("reference", r["reference"]))
+    rows += [("text", f"{r['eval'].get('source')} (sha256 {str(r['eval'].get('text_sha256'))[:12]})"),
+             ("method", f"{r['method']}, {r['windows']} windows of {r['seqlen']}, {r['tokens']} tokens scored"),
+             ("perplexity", f"{r['perplexity']:.4f}")]
+    if r.get("reference_perplexity") is not None:
+        rows += [("reference perplexity", f"{r['reference_perplexity']:.4f}"),
+                 ("difference", f"{r['delta']:+.4f} ({r['delta_percent']:+.2f}%)"), ("KL", f"{r['kl']:.5f}")]
+    rows += [("device", f"{r['device']} ({r['dtype']})"), ("time", f"{r['seconds']:.1f} s")]
+    out = table(rows)
+    for i, g in enumerate(r["generations"]):
+        out += f"\n\n[{i + 1}] {g['prompt']}\n{g['text'].strip()}"
+    return out
+
+
+@main.command("check")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--reference", type=click.Path(path_type=str), default=None,
+              help="The unquantized model: same tokens, perplexity of both, KL divergence.")
+@check_options
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", "compute_dtype", type=click.Choice(["auto", "f32", "f16", "bf16"]), default="auto",
+              show_default=True, help="auto: f32 on CPU, bf16 on CUDA.")
+@click.option("-o", "--output", type=click.Path(path_type=str), default=None, help="Write the report (JSON) here.")
+@click.option("--fail-above", type=float, default=None,
+              help="Exit with code 3 when the perplexity exceeds the reference's by more than this many percent.")
+@command
+def check_cmd(model, reference, device, compute_dtype, output, fail_above, **kwargs):
+    """Perplexity and sample generations for an HF, AWQ, GPTQ or GGUF checkpoint."""
+    from quantize.check import run_check, save_check
+    from convert import progress as prog
+    options = check_kwargs(kwargs)
+    report = run_check(model, reference=reference, device=device, dtype=compute_dtype,
+                       stream=_stream(prog.is_quiet()), **options)
+    if not prog.is_quiet() and report["generations"]:
+        click.echo("", err=True)
+    if output:
+        save_check(report, output)
+    if fail_above is not None and report.get("delta_percent", 0) > fail_above:
+        click.echo(_render_check(report), err=True)
+        click.echo(f"mixq: check failed: perplexity {report['delta_percent']:+.2f}% above the reference "
+                   f"(limit {fail_above}%)", err=True)
+        sys.exit(EXIT_THRESHOLD)
+    return report, _render_check
+
+
 # ---- quantize -----------------------------------------------------------------------------------------------
 
 def engine_options(fn):
@@ -239,7 +338,10 @@ def engine_options(fn):
         click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer."),
         click.option("--force", is_flag=True, help="Replace OUT if it exists."),
+        click.option("--check", "run_check", is_flag=True,
+                     help="Then run `mixq check OUT --reference MODEL` with the --eval options below."),
     ]
+    fn = check_options(fn, prefix="eval-")
     for option in reversed(options):
         fn = option(fn)
     return fn
@@ -254,13 +356,24 @@ def _run_quantize(method, model, out, fmt, sym, settings_extra, kwargs, calib=Tr
     settings = Settings(method=method, scheme=scheme, fmt=fmt, expert_naming=kwargs.pop("expert_naming"),
                         device=kwargs.pop("device"), dtype=kwargs.pop("compute_dtype"), batch=kwargs.pop("batch"),
                         shard_size=parse_size(kwargs.pop("shard_size")), **settings_extra)
-    force, resume = kwargs.pop("force"), kwargs.pop("resume")
+    force, resume, checking = kwargs.pop("force"), kwargs.pop("resume"), kwargs.pop("run_check")
+    check_opts = check_kwargs(kwargs)
     from quantize.runner import check_inputs
     check_inputs(model, out, settings, force)  # before the calibration text is tokenized
     blocks = None
     if calib_opts is not None:
         blocks = prepare(model, calib_opts.pop("calib"), **calib_opts)
     report = quantize_model(model, out, settings, blocks, force=force, resume=resume)
+    if checking:
+        from quantize.check import CHECK_FILE, run_check, save_check
+        from convert import progress as prog
+        check = run_check(out, reference=model, device=settings.device, stream=_stream(prog.is_quiet()),
+                          **check_opts)
+        if not prog.is_quiet() and check["generations"]:
+            click.echo("", err=True)
+        save_check(check, Path(out) / CHECK_FILE)
+        report["check"] = check
+        save_check(report, Path(out) / "report.json")
     return report, _render_quantize
 
 

@@ -1,0 +1,89 @@
+"""`mixq check`: perplexity (against a reference when given) and sample generations, as one report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from convert import open_checkpoint
+from convert.checkpoint import Checkpoint
+from convert.errors import MixqError
+from convert.progress import note
+
+from .evaluate import make_windows, perplexity
+from .generate import DEFAULT_PROMPTS, LoadedModel, generate
+from .repository import quantization_method, read_quantized
+from .runner import pick_device
+
+CHECK_FILE = "check.json"
+
+
+def open_any(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
+    """A checkpoint of any layout, AWQ and GPTQ repositories included (dequantized)."""
+    path = Path(path)
+    if path.is_dir() and quantization_method(path):
+        return read_quantized(path, dtype)
+    return open_checkpoint(path)
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def run_check(model: str | Path, eval_source: str = "shakespeare", reference: str | Path | None = None,
+              method: str = "windows", seqlen: int = 2048, max_tokens: int | None = None, prompts=None,
+              max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+              device: str = "auto", dtype: str = "auto", batch: int = 4, split: str | None = None,
+              text_field: str | None = None, stream=None) -> dict:
+    from calibration import load_tokenizer
+    from calibration.blocks import evaluation_ids, tokenizer_fingerprint
+    started = time.perf_counter()
+    torch_device = pick_device(device)
+    torch_dtype = compute_dtype(dtype, torch_device)
+    ckpt = open_any(model, torch_dtype)
+    tokenizer = load_tokenizer(model)
+    ref = None
+    if reference is not None:
+        ref = open_any(reference, torch_dtype)
+        if tokenizer_fingerprint(load_tokenizer(reference)) != tokenizer_fingerprint(tokenizer):
+            raise MixqError(f"{reference}: its tokenizer differs from {model}'s; a reference must read the same "
+                            f"tokens")
+    ids, provenance = evaluation_ids(tokenizer, eval_source, split=split, text_field=text_field)
+    windows = make_windows(ids, seqlen, method, bos_id=tokenizer.bos_token_id, max_tokens=max_tokens)
+    note(f"perplexity on {windows.scored} tokens ({windows.tokens.shape[0]} windows of {seqlen}, {method})")
+    report = {"model": str(model), "layout": ckpt.layout, "reference": str(reference) if reference else None,
+              "eval": provenance, "device": str(torch_device), "dtype": str(torch_dtype).replace("torch.", "")}
+    with torch.no_grad():
+        report.update(perplexity(ckpt, windows, torch_device, torch_dtype, batch, ref))
+    prompts = list(DEFAULT_PROMPTS) if prompts is None else list(prompts)
+    report["generations"] = []
+    if prompts and max_new_tokens > 0:
+        loaded = LoadedModel(ckpt, torch_device, torch_dtype)
+        report["generations"] = generate(loaded, tokenizer, prompts, max_new_tokens, temperature, top_p, seed,
+                                         stream)
+        del loaded
+    report["sampling"] = {"temperature": temperature, "top_p": top_p, "seed": seed,
+                          "max_new_tokens": max_new_tokens}
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    report["summary"] = summary(report)
+    return report
+
+
+def summary(r: dict) -> str:
+    text = f"perplexity {r['perplexity']:.4f}"
+    if r.get("reference_perplexity") is not None:
+        text += f" vs {r['reference_perplexity']:.4f} ({r['delta_percent']:+.2f}%), KL {r['kl']:.5f}"
+    return text + f" on {r['tokens']} tokens ({r['method']}, {r['seqlen']}-token windows)"
+
+
+def save_check(report: dict, path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+    return path
