@@ -23,6 +23,7 @@ from convert.errors import MixqError
 from convert.progress import bar
 
 from .forward import Rotary, decoder_layer, rms_norm
+from .runner import load_layer
 
 METHODS = ("windows", "llamacpp")
 
@@ -54,16 +55,6 @@ def make_windows(ids: list[int], seqlen: int, method: str = "windows", bos_id: i
             tokens[:, 0] = bos_id
         return Windows(tokens, seqlen // 2, method)
     return Windows(tokens, 0, method)
-
-
-def _layer_weights(ckpt: Checkpoint, layer: int, device, dtype) -> dict[str, torch.Tensor]:
-    prefix = f"model.layers.{layer}."
-    weights = {}
-    for name in ckpt.tensors:
-        if name.startswith(prefix):
-            weights[name[len(prefix):]] = ckpt.get(name).to(device=device, dtype=dtype)
-            ckpt.release(name)
-    return weights
 
 
 def _head(ckpt: Checkpoint, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +89,7 @@ def perplexity(model: Checkpoint, windows: Windows, device="cpu", dtype=torch.fl
     with bar(total=spec.num_layers, desc="perplexity", unit="layer") as pbar:
         for layer in range(spec.num_layers):
             for i, ckpt in enumerate(models):
-                weights = _layer_weights(ckpt, layer, device, dtype)
+                weights = load_layer(ckpt, layer, device, dtype)
                 for start in range(0, tokens.shape[0], batch):
                     states[i][start:start + batch] = decoder_layer(states[i][start:start + batch], weights,
                                                                    ckpt.spec, rope)

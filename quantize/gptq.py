@@ -33,8 +33,12 @@ class Hessian:
 @dataclass
 class GPTQResult:
     weight: QuantizedWeight
-    loss: float           # sum over columns of (w - q)^2 / Hinv_ii^2 / 2, GPTQ's own error measure
+    losses: torch.Tensor  # per row: sum over columns of (w - q)^2 / Hinv_ii^2 / 2, GPTQ's own error measure
     damp: float           # the damping that made H positive definite
+
+    @property
+    def loss(self) -> float:
+        return float(self.losses.sum())
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
@@ -112,4 +116,4 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
     if perm is not None:
         q = q[:, torch.argsort(perm)]
     result = QuantizedWeight(q=q, scales=scales.half(), zeros=zeros.to(torch.int32), g_idx=g_idx.to(torch.int32))
-    return GPTQResult(result, float(losses.sum()), damp)
+    return GPTQResult(result, losses, damp)

@@ -4,11 +4,13 @@ already quantized; without it, every stage sees the unquantized layer."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from . import model as arch
 from .forward import attention_context, rms_norm
 from .gptq import Hessian, gptq_quantize
+from .quantizer import QuantizedWeight
 
 
 def quantize_layer(ctx) -> dict:
@@ -18,13 +20,20 @@ def quantize_layer(ctx) -> dict:
     quantized, losses = {}, {}
 
     def run(modules, hessian: Hessian) -> None:
-        h = hessian.value()
-        for module in modules:
-            result = gptq_quantize(w[f"{module}.weight"], h, s.scheme, s.damp, s.desc_act, s.static_groups,
-                                   s.block_size, name=f"model.layers.{ctx.index}.{module}")
-            quantized[module] = result.weight
-            losses[module] = round(result.loss, 6)
-            w[f"{module}.weight"] = result.weight.dequantize(w[f"{module}.weight"].dtype).to(ctx.x.device)
+        """GPTQ on linears that share one input: rows are independent given H, so they run as one matrix
+        (q/k/v together, every expert's w1/w3 together) and are split afterwards."""
+        weights = [w[f"{m}.weight"] for m in modules]
+        result = gptq_quantize(torch.cat(weights), hessian.value(), s.scheme, s.damp, s.desc_act, s.static_groups,
+                               s.block_size, name=f"model.layers.{ctx.index}.{'/'.join(modules)}")
+        start = 0
+        for module, weight in zip(modules, weights):
+            rows = slice(start, start + weight.shape[0])
+            start = rows.stop
+            part = QuantizedWeight(q=result.weight.q[rows], scales=result.weight.scales[rows],
+                                   zeros=result.weight.zeros[rows], g_idx=result.weight.g_idx)
+            quantized[module] = part
+            losses[module] = round(float(result.losses[rows].sum()), 6)
+            w[f"{module}.weight"] = part.dequantize(weight.dtype).to(weight.device)
 
     def attention_in(x):
         return rms_norm(x, src["input_layernorm.weight"], eps)
