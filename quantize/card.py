@@ -156,9 +156,9 @@ def _details(report: dict) -> list[str]:
                   f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}.", ""]
     if report.get("expert_coverage"):
         c = report["expert_coverage"]
-        lines += [f"Every expert was calibrated on all calibration tokens; the fewest tokens any expert was routed "
-                  f"was {c['min_routed_tokens']} ({c['experts_without_routed_tokens']} expert-layers without any).",
-                  ""]
+        lines += [f"Expert statistics: {c.get('expert_statistics')}. The router stays in fp16. The fewest "
+                  f"calibration tokens routed to an expert: {c['min_routed_tokens']} "
+                  f"({c['experts_without_routed_tokens']} expert-layers without any); every expert is quantized.", ""]
     return lines
 
 

@@ -29,6 +29,10 @@ from .formats import PACKERS, packed_shapes
 from .forward import Rotary, decoder_layer
 from .quantizer import QuantizedWeight, Scheme
 
+EXPERT_STATISTICS = {
+    "gptq": "every expert's Hessians from all calibration tokens",
+    "awq": "w1/w3 scales from all tokens; each w2 from the tokens routed to its expert (all tokens when none are)",
+}
 OUTPUT_DTYPE = torch.float16    # what AWQ and GPTQ repositories store their floating-point tensors in
 STATE = "state.json"
 
@@ -59,7 +63,7 @@ class Settings:
         return d
 
     def fingerprint(self) -> str:
-        keep = {k: v for k, v in self.as_dict().items() if k not in ("device", "batch")}
+        keep = {k: v for k, v in self.as_dict().items() if k != "shard_size"}  # all that changes the numbers
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -373,7 +377,7 @@ def _finish(ckpt: Checkpoint, out: Path, work: Work, settings: Settings, state: 
         routed = [r["routed_tokens"] for r in state["layers"]]
         report["expert_coverage"] = {"min_routed_tokens": min(min(r) for r in routed),
                                      "experts_without_routed_tokens": sum(c == 0 for r in routed for c in r),
-                                     "quantized_from_all_tokens": settings.method == "gptq"}
+                                     "expert_statistics": EXPERT_STATISTICS.get(settings.method)}
     layer_files.clear()
     report["seconds"] = round(time.perf_counter() - started, 3)
     write_json(final / "report.json", report)
