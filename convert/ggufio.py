@@ -34,7 +34,6 @@ FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
 GGUF_PY_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
                  "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3), "q5_0": ("Q5_0", 8), "q5_1": ("Q5_1", 9)}
 # K-quants: made by llama.cpp's own quantizer (llama_model_quantize), file type ids of llama.h
-_SILENT_LOG = None
 LLAMA_CPP_TYPES = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15,
                    "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
 
@@ -486,6 +485,9 @@ def write_gguf_file(ckpt: Checkpoint, out: Path, outtype: str = "auto", split_ma
 
 def _silent(level, text, user_data):
     return None
+
+
+_SILENT_LOG = None  # llama.cpp's log callback must outlive the call that installs it
 
 
 def _llama_cpp_quantizer():
