@@ -37,6 +37,7 @@ OUTTYPES ?= q8_0 q4_k_m
 QUANT_FLAGS ?=
 CHECK_FLAGS ?=
 LICENSE ?= apache-2.0
+ANCHORS ?=
 
 QUANT_ARGS = --bits $(BITS) --group-size $(GROUP) --calib $(CALIB) --samples $(SAMPLES) --seqlen $(SEQLEN) \
 	--expert-naming $(EXPERT_NAMING) $(QUANT_FLAGS)
@@ -71,8 +72,9 @@ test-fast: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/convert.py
-	$(PY) bench/quantize.py
+	$(PY) bench/quantize.py $(if $(ANCHORS),--anchors $(ANCHORS))
 	$(PY) bench/check.py
+	$(PY) bench/small_model.py $(if $(ANCHORS),--anchors $(ANCHORS))
 
 clean-venv:
 	rm -rf $(VENV)

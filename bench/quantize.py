@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.anchors import anchor_env
 
 CHILD = r"""
 import json, resource, sys, time, torch
@@ -57,15 +58,9 @@ def run_mixq(model: Path, method: str, calib: str) -> dict:
 
 
 def run_anchor(anchors: Path, name: str, layers: int, env: dict) -> dict | None:
-    """AutoAWQ / GPTQModel installed into a throw-away target so this environment stays as it is."""
-    target = tempfile.mkdtemp()
-    wheels = sorted(str(p) for p in (anchors / name / "wheels").glob("*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", target,
-                    *wheels], check=True)
     script = anchors / name / f"anchor_{name}.py"
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env={**os.environ, **env, "LAYERS": str(layers),
-                               "PYTHONPATH": f"{target}:{anchors / name / 'stub'}"})
+                          env=anchor_env(anchors, name, LAYERS=str(layers), **env))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         print(f"anchor {name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -105,7 +100,7 @@ def main() -> None:
         gpu = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "-"
         print(f"{r['method']:6} {r['calib']:9} {r['s_per_layer']:8.1f} {gpu:>8} {r['peak_host_gib']:9.2f} "
               f"{r['peak_host_gib'] / layer_gib:10.2f} {ratio:>10}")
-    for name, anchor in anchors.items():
+    for anchor in anchors.values():
         if anchor:
             print(f"anchor {json.dumps(anchor)}")
     (args.work / "results.json").write_text(json.dumps({"rows": rows, "anchors": anchors}, indent=2))
