@@ -58,7 +58,8 @@ GPTQMODEL = r"""
 import json, sys, time, torch
 from gptqmodel import GPTQModel, QuantizeConfig
 src, out, calib, group = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3])), int(sys.argv[4])
-model = GPTQModel.load(src, QuantizeConfig(bits=4, group_size=group, sym=True), device="cpu")
+model = GPTQModel.load(src, QuantizeConfig(bits=4, group_size=group, sym=True),
+                       device="cuda:0" if torch.cuda.is_available() else "cpu")
 t = time.perf_counter()
 model.quantize([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calib], batch_size=1)
 seconds = time.perf_counter() - t
