@@ -89,14 +89,11 @@ awq: $(OUT)/awq/README.md
 gptq: $(OUT)/gptq/README.md
 gguf: $(OUT)/gguf/README.md
 
-$(OUT)/awq/config.json: | $(INSTALL)
-	$(MIXQ) quantize awq $(MODEL) $(OUT)/awq $(QUANT_ARGS)
-
-$(OUT)/gptq/config.json: | $(INSTALL)
-	$(MIXQ) quantize gptq $(MODEL) $(OUT)/gptq $(QUANT_ARGS)
-
 # every artifact is named explicitly (static patterns), so none is an intermediate file make would delete or skip
 REPOS = $(OUT)/awq $(OUT)/gptq
+
+$(REPOS:=/config.json): $(OUT)/%/config.json: | $(INSTALL)
+	$(MIXQ) quantize $* $(MODEL) $(OUT)/$* $(QUANT_ARGS)
 
 $(REPOS:=/check.json): $(OUT)/%/check.json: $(OUT)/%/config.json
 	$(MIXQ) check $(OUT)/$* $(CHECK_ARGS) -o $@

@@ -50,7 +50,7 @@ def mixq_tokens_per_second(path: Path, tokens, dtype, device) -> float:
 def main() -> None:
     import torch
 
-    from bench.synthetic import FULL, SMALL, build
+    from bench.synthetic import FULL, SMALL, build, random_blocks
     from convert import progress
     progress.set_quiet(True)
     cuda = torch.cuda.is_available()
@@ -65,7 +65,7 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     shape = FULL if args.shape == "full" else SMALL
     model = build(args.work / f"mixtral-{args.shape}-{args.layers}", args.layers, dtype=dtype, **shape)
-    tokens = torch.randint(3, 32000, (args.windows, args.seqlen), generator=torch.Generator().manual_seed(0))
+    tokens = random_blocks(args.windows, args.seqlen, seed=0).tokens
     rows = [("dense", mixq_tokens_per_second(model, tokens, dtype, device),
              transformers_tokens_per_second(model, tokens, dtype, device))]
     if cuda:

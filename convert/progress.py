@@ -28,3 +28,12 @@ def note(message: str) -> None:
 
 def is_quiet() -> bool:
     return _quiet
+
+
+def human_bytes(n: int) -> str:
+    """1000-based, as file sizes are shown on model hubs."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return str(n)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import click
 
-from convert.errors import MixqError
 from convert import progress
+from convert.errors import MixqError
+from convert.progress import human_bytes
 
 EXIT_INPUT, EXIT_THRESHOLD, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 3, 70, 130
 
@@ -54,14 +55,6 @@ def command(fn):
 def table(rows: list[tuple[str, object]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1000
-    return str(n)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -302,11 +295,10 @@ def _render_check(r: dict) -> str:
 def check_cmd(model, reference, device, compute_dtype, output, fail_above, **kwargs):
     """Perplexity and sample generations for an HF, AWQ, GPTQ or GGUF checkpoint."""
     from quantize.check import run_check, save_check
-    from convert import progress as prog
     options = check_kwargs(kwargs)
     report = run_check(model, reference=reference, device=device, dtype=compute_dtype,
-                       stream=_stream(prog.is_quiet()), **options)
-    if not prog.is_quiet() and report["generations"]:
+                       stream=_stream(progress.is_quiet()), **options)
+    if not progress.is_quiet() and report["generations"]:
         click.echo("", err=True)
     if output:
         save_check(report, output)
@@ -366,10 +358,9 @@ def _run_quantize(method, model, out, fmt, sym, settings_extra, kwargs, calib=Tr
     report = quantize_model(model, out, settings, blocks, force=force, resume=resume)
     if checking:
         from quantize.check import CHECK_FILE, run_check, save_check
-        from convert import progress as prog
-        check = run_check(out, reference=model, device=settings.device, stream=_stream(prog.is_quiet()),
+        check = run_check(out, reference=model, device=settings.device, stream=_stream(progress.is_quiet()),
                           **check_opts)
-        if not prog.is_quiet() and check["generations"]:
+        if not progress.is_quiet() and check["generations"]:
             click.echo("", err=True)
         save_check(check, Path(out) / CHECK_FILE)
         report["check"] = check

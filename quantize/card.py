@@ -4,33 +4,17 @@ llama.cpp."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
 from convert.errors import MixqError
+from convert.progress import human_bytes
 
 from .check import CHECK_FILE
+from .publish import artifact_bytes, read_json
 
 CARD = "README.md"
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as exc:
-        raise MixqError(f"{path}: invalid JSON ({exc})") from None
-
-
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".gguf"))
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def prompt_template(repo: Path) -> str:
@@ -46,8 +30,17 @@ def prompt_template(repo: Path) -> str:
     return "{prompt}"
 
 
-def front_matter(fields: dict) -> str:
+def front_matter(base: str, license_id: str, model_type: str, template: str, tags: list[str]) -> str:
+    fields = {"base_model": base, "license": license_id, "language": ["en"], "quantized_by": "mixq",
+              "model_type": model_type, "prompt_template": template, "inference": False, "tags": tags}
     return "---\n" + yaml.safe_dump(fields, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
+
+
+def _generations(generations: list[dict]) -> list[str]:
+    lines = []
+    for g in generations:
+        lines += [f"**{g['prompt']}**", "", "```", g["text"].strip(), "```", ""]
+    return lines
 
 
 def _check_section(check: dict | None) -> list[str]:
@@ -69,20 +62,18 @@ def _check_section(check: dict | None) -> list[str]:
                   f"Greedy decoding, at most {check['sampling']['max_new_tokens']} new tokens"
                   if not check["sampling"]["temperature"] else
                   f"Sampling at temperature {check['sampling']['temperature']}, top-p {check['sampling']['top_p']}",
-                  ""]
-        for g in check["generations"]:
-            lines += [f"**{g['prompt']}**", "", "```", g["text"].strip(), "```", ""]
+                  "", *_generations(check["generations"])]
     return lines
 
 
 def quantized_card(repo: Path, base_model: str | None = None, license_id: str = "apache-2.0") -> str:
-    config = _json(repo / "config.json") or {}
+    config = read_json(repo / "config.json") or {}
     qc = config.get("quantization_config") or {}
     fmt = qc.get("quant_method")
     if fmt not in ("awq", "gptq"):
         raise MixqError(f"{repo}: not an AWQ or GPTQ repository (config.json has no awq/gptq quantization_config)")
-    report = _json(repo / "report.json") or {}
-    check = _json(repo / CHECK_FILE) or report.get("check")
+    report = read_json(repo / "report.json") or {}
+    check = read_json(repo / CHECK_FILE) or report.get("check")
     settings = report.get("settings", {})
     calib = report.get("calibration") or {}
     base = base_model or report.get("model") or "unknown"
@@ -91,14 +82,12 @@ def quantized_card(repo: Path, base_model: str | None = None, license_id: str = 
     arch = config.get("model_type", "")
     naming = settings.get("expert_naming", "classic")
     title = "AWQ" if fmt == "awq" else "GPTQ"
-    fields = {"base_model": base, "license": license_id, "language": ["en"], "quantized_by": "mixq",
-              "model_type": arch, "prompt_template": template, "inference": False,
-              "tags": [fmt, f"{qc.get('bits', 4)}-bit", "mixq"] + (["moe", "mixtral"] if arch == "mixtral" else [])}
+    tags = [fmt, f"{qc.get('bits', 4)}-bit", "mixq"] + (["moe", "mixtral"] if arch == "mixtral" else [])
     detail = (f"zero point {'yes' if qc.get('zero_point') else 'no'}, GEMM" if fmt == "awq" else
               f"{'symmetric' if qc.get('sym') else 'asymmetric'}, act-order "
               f"{'yes' if settings.get('desc_act') else 'no'}{' (static groups)' if settings.get('static_groups') else ''}"
               f", damp {qc.get('damp_percent')}")
-    lines = [front_matter(fields), f"# {name} - {title}", "",
+    lines = [front_matter(base, license_id, arch, template, tags), f"# {name} - {title}", "",
              f"{title} {qc.get('bits')}-bit quantization of `{base}`, made with mixq "
              f"({report.get('method', fmt)} on {report.get('device', '?')}).", "",
              "## Prompt template", "", "```", template, "```", "",
@@ -106,7 +95,7 @@ def quantized_card(repo: Path, base_model: str | None = None, license_id: str = 
              "| files | bits | group size | settings | calibration dataset | calibration tokens | sequence length | size |",
              "|---|---|---|---|---|---|---|---|",
              f"| this repository | {qc.get('bits')} | {qc.get('group_size')} | {detail} | {calib.get('source', '-')} "
-             f"| {calib.get('tokens', '-')} | {calib.get('seqlen', '-')} | {_gb(_size(repo))} |", ""]
+             f"| {calib.get('tokens', '-')} | {calib.get('seqlen', '-')} | {human_bytes(artifact_bytes(repo))} |", ""]
     lines += _check_section(check)
     lines += _usage_quantized(fmt, arch, naming)
     lines += _details(report)
@@ -167,27 +156,26 @@ def gguf_card(folder: Path, base_model: str | None = None, license_id: str = "ap
     files = sorted(p for p in folder.glob("*.gguf"))
     if not files:
         raise MixqError(f"{folder}: no .gguf files")
-    info = inspect_checkpoint(files[0])
+    infos = {f: inspect_checkpoint(f) for f in files}
+    info = infos[files[0]]
     base = base_model or info["metadata"].get("general.name") or files[0].stem
     template = prompt_template(files[0])
-    fields = {"base_model": base, "license": license_id, "language": ["en"], "quantized_by": "mixq",
-              "model_type": info["architecture"], "prompt_template": template, "inference": False,
-              "tags": ["gguf", "llama.cpp", "mixq"]}
-    lines = [front_matter(fields), f"# {Path(str(base)).name} - GGUF", "",
+    lines = [front_matter(base, license_id, info["architecture"], template, ["gguf", "llama.cpp", "mixq"]),
+             f"# {Path(str(base)).name} - GGUF", "",
              f"GGUF files of `{base}` for llama.cpp and the runtimes built on it, made with mixq.", "",
              "## Prompt template", "", "```", template, "```", "",
              "## Provided files", "",
              "| file | type | size | bits per weight | perplexity | vs reference |", "|---|---|---|---|---|---|"]
     checks = {}
     for f in files:
-        check = _json(f.with_suffix(".check.json"))
+        check = read_json(f.with_suffix(".check.json"))
         checks[f.name] = check
         size = f.stat().st_size
-        params = inspect_checkpoint(f)["parameters"]
+        params = infos[f]["parameters"]
         ppl = f"{check['perplexity']:.4f}" if check else "-"
         delta = f"{check['delta_percent']:+.2f}%" if check and check.get("delta_percent") is not None else "-"
-        types = ", ".join(sorted(inspect_checkpoint(f)["dtypes"]))
-        lines.append(f"| {f.name} | {types} | {_gb(size)} | {8 * size / params:.2f} | {ppl} | {delta} |")
+        types = ", ".join(sorted(infos[f]["dtypes"]))
+        lines.append(f"| {f.name} | {types} | {human_bytes(size)} | {8 * size / params:.2f} | {ppl} | {delta} |")
     lines.append("")
     first = next((c for c in checks.values() if c), None)
     if first:
@@ -197,9 +185,7 @@ def gguf_card(folder: Path, base_model: str | None = None, license_id: str = "ap
                   f"{first.get('reference_perplexity', float('nan')):.4f}.", ""]
         for name, check in checks.items():
             if check and check.get("generations"):
-                lines += [f"### Sample generations: {name}", ""]
-                for g in check["generations"]:
-                    lines += [f"**{g['prompt']}**", "", "```", g["text"].strip(), "```", ""]
+                lines += [f"### Sample generations: {name}", "", *_generations(check["generations"])]
     lines += ["## How to use", "", "### llama.cpp", "", "```shell",
               f"llama-cli -m {files[0].name} -cnv", "```", "", "### llama-cpp-python", "", "```python",
               "from llama_cpp import Llama",

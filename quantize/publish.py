@@ -10,7 +10,18 @@ from convert.errors import MixqError
 from .check import CHECK_FILE
 
 
-def _size(path: Path) -> int:
+def read_json(path: Path) -> dict | None:
+    """A report or check file; None when there is none."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise MixqError(f"{path}: invalid JSON ({exc})") from None
+
+
+def artifact_bytes(path: Path) -> int:
+    """Size of a GGUF file, or of a repository's weight files."""
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".gguf"))
@@ -26,8 +37,9 @@ def release_summary(folder: str | Path) -> list[dict]:
         raise MixqError(f"{folder}: no checked artifacts ({CHECK_FILE} or *.check.json)")
     rows = []
     for artifact, check_file in found:
-        check = json.loads(check_file.read_text())
-        rows.append({"artifact": str(artifact.relative_to(folder)), "bytes": _size(artifact) if artifact.exists() else 0,
+        check = read_json(check_file)
+        rows.append({"artifact": str(artifact.relative_to(folder)),
+                     "bytes": artifact_bytes(artifact) if artifact.exists() else 0,
                      **{k: check.get(k) for k in ("perplexity", "reference_perplexity", "delta_percent", "kl",
                                                   "tokens", "method", "seqlen")}})
     return rows
