@@ -45,26 +45,53 @@ CHECK_ARGS = --reference $(MODEL) --eval $(EVAL) --seqlen $(EVAL_SEQLEN) --max-n
 	$(if $(EVAL_TOKENS),--max-tokens $(EVAL_TOKENS)) $(CHECK_FLAGS)
 GGUF_FILES = $(foreach t,$(OUTTYPES),$(OUT)/gguf/$(NAME)-$(t).gguf)
 
-.PHONY: setup setup-llama-cpp test test-fast bench clean-venv awq gptq gguf check release demo model
+.PHONY: setup setup-llama-cpp lock test test-fast bench clean-venv awq gptq gguf check release demo model
 
 # ---- environment -------------------------------------------------------------------------------------------------
+# Every package is installed under the constraints of LOCK: the versions CI tested, so a fresh clone next month
+# installs the same environment. `make lock` refreshes it on purpose (then run `make test` and commit both).
+LOCK ?= .ci/requirements.lock
+UV ?= uv==0.13.8
+PIP_INSTALL = $(PY) -m pip install -q -c $(LOCK)
+
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[test]'
+	$(PIP_INSTALL) -e '.[test]'
 	touch $@
+
+# uv resolves from PyPI; pip's own find-links (where this machine keeps its CPU torch wheel) are passed on, since
+# uv does not read pip's configuration. torch is installed by TORCH, so it is resolved but not pinned here; the
+# llama-cpp-python build backend is pinned too (pip's build isolation honours PIP_CONSTRAINT).
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(UV)"
+	printf '%s\n' "$(TORCH)" "scikit-build-core[pyproject]" | $(VENV)/bin/uv pip compile pyproject.toml - \
+		--extra test --extra llama-cpp --python $(PY) --no-emit-package torch --upgrade \
+		$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) --quiet -o $(LOCK)
+	@echo "wrote $(LOCK): run make test, then commit it"
+
+# llama-cpp-python builds from source (~5 min): the wheel is kept in the cache, keyed by version and build flags,
+# so later set-ups on the same machine install it in seconds
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+LLAMA_WHEELS = $(MIXQ_CACHE)/wheels/$(subst ==,-,$(LLAMA_CPP))-$(shell printf '%s' "$(LLAMA_CMAKE_ARGS)" | sha256sum | cut -c1-12)
 
 setup-llama-cpp: $(VENV)/.llama-cpp
 
 $(VENV)/.llama-cpp: $(VENV)/.installed
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir "llama-cpp-python==0.3.36"
+	if ! ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1; then \
+		rm -rf $(LLAMA_WHEELS).partial && \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" PIP_CONSTRAINT=$(abspath $(LOCK)) \
+			$(PY) -m pip wheel -q --no-deps --no-cache-dir -w $(LLAMA_WHEELS).partial "$(LLAMA_CPP)" && \
+		rm -rf $(LLAMA_WHEELS) && mv $(LLAMA_WHEELS).partial $(LLAMA_WHEELS); fi
+	$(PIP_INSTALL) $(LLAMA_WHEELS)/*.whl
 	touch $@
 
 # the whole suite, slow real-model tests included (what CI runs)
 test: $(VENV)/.installed $(VENV)/.llama-cpp
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 # everything but the real-model tests
 test-fast: $(VENV)/.installed
