@@ -41,7 +41,7 @@ ANCHORS ?=
 
 QUANT_ARGS = --bits $(BITS) --group-size $(GROUP) --calib $(CALIB) --samples $(SAMPLES) --seqlen $(SEQLEN) \
 	--expert-naming $(EXPERT_NAMING) $(QUANT_FLAGS)
-CHECK_ARGS = --reference $(MODEL) --eval $(EVAL) --seqlen $(EVAL_SEQLEN) --max-new-tokens $(MAX_NEW) \
+CHECK_ARGS = --eval $(EVAL) --seqlen $(EVAL_SEQLEN) --max-new-tokens $(MAX_NEW) \
 	$(if $(EVAL_TOKENS),--max-tokens $(EVAL_TOKENS)) $(CHECK_FLAGS)
 GGUF_FILES = $(foreach t,$(OUTTYPES),$(OUT)/gguf/$(NAME)-$(t).gguf)
 
@@ -123,7 +123,7 @@ $(REPOS:=/config.json): $(OUT)/%/config.json: | $(INSTALL)
 	$(MIXQ) quantize $* $(MODEL) $(OUT)/$* $(QUANT_ARGS)
 
 $(REPOS:=/check.json): $(OUT)/%/check.json: $(OUT)/%/config.json
-	$(MIXQ) check $(OUT)/$* $(CHECK_ARGS) -o $@
+	$(MIXQ) check $(OUT)/$* --reference $(MODEL) $(CHECK_ARGS) -o $@
 
 $(REPOS:=/README.md): $(OUT)/%/README.md: $(OUT)/%/check.json
 	$(MIXQ) card $(OUT)/$* --base-model $(NAME) --license $(LICENSE)
@@ -132,7 +132,7 @@ $(GGUF_FILES): $(OUT)/gguf/$(NAME)-%.gguf: | $(INSTALL)
 	$(MIXQ) convert $(MODEL) $@ --to gguf --outtype $*
 
 $(GGUF_FILES:.gguf=.check.json): %.check.json: %.gguf
-	$(MIXQ) check $< $(CHECK_ARGS) -o $@
+	$(MIXQ) check $< --reference $(MODEL) $(CHECK_ARGS) -o $@
 
 $(OUT)/gguf/README.md: $(GGUF_FILES:.gguf=.check.json)
 	$(MIXQ) card $(OUT)/gguf --base-model $(NAME) --license $(LICENSE)

@@ -32,6 +32,8 @@ def command(fn):
         except MixqError as exc:
             click.echo(f"mixq: error: {exc}", err=True)
             sys.exit(EXIT_INPUT)
+        except click.ClickException:  # a usage error found by the command itself: click prints it, exit 2
+            raise
         except KeyboardInterrupt:
             click.echo("mixq: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
@@ -295,6 +297,9 @@ def _render_check(r: dict) -> str:
 def check_cmd(model, reference, device, compute_dtype, output, fail_above, **kwargs):
     """Perplexity and sample generations for an HF, AWQ, GPTQ or GGUF checkpoint."""
     from quantize.check import run_check, save_check
+    if fail_above is not None and reference is None:  # a gate with nothing to compare would always pass
+        raise click.UsageError("--fail-above needs --reference: the limit is on the increase over the reference's "
+                               "perplexity")
     options = check_kwargs(kwargs)
     report = run_check(model, reference=reference, device=device, dtype=compute_dtype,
                        stream=_stream(progress.is_quiet()), **options)

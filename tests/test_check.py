@@ -150,3 +150,23 @@ def test_unknown_layout(cli, tmp_path):
     assert result.exit_code == 1 and "not a checkpoint" in result.stderr
     with pytest.raises(MixqError):
         open_any(tmp_path / "nothing")
+
+
+def test_a_gate_needs_a_reference(cli, mixtral):
+    """--fail-above without --reference would compare with nothing and always pass: a usage error, before work."""
+    result = cli("check", mixtral, "--fail-above", "5")
+    assert result.exit_code == 2 and "--fail-above needs --reference" in result.stderr
+
+
+@pytest.mark.parametrize("reference", [None, "base/model"])
+def test_make_check_compares_with_the_reference_it_is_given(reference):
+    """`make check MODEL=X` checks X alone; with REFERENCE=Y against Y, named once (never X against itself)."""
+    import shlex
+    import subprocess
+    from pathlib import Path
+    args = ["make", "-n", "--no-print-directory", "check", "MODEL=some/model", "INSTALL=", "MIXQ=mixq"]
+    args += [f"REFERENCE={reference}"] if reference else []
+    out = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).parents[1], check=True).stdout
+    command = shlex.split(next(line for line in out.splitlines() if line.startswith("mixq check")))
+    given = [command[i + 1] for i, a in enumerate(command) if a == "--reference"]
+    assert command[2] == "some/model" and given == ([reference] if reference else [])
