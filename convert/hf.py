@@ -11,6 +11,7 @@ import torch
 from . import pth_io
 from .checkpoint import Checkpoint, TensorRef, checked_tensors
 from .errors import MixqError
+from .jsonfile import read_json
 from .names import IGNORED_SUFFIXES, TRANSFORMERS_EXPERT_NAMES
 from .progress import bar
 from .safetensors_io import DTYPE_NAMES, SafetensorsFile, SafetensorsWriter, tensor_nbytes
@@ -30,15 +31,6 @@ _FROM_TRANSFORMERS = {v: k for k, v in TRANSFORMERS_EXPERT_NAMES.items()}
 def is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and (
         any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
-
-
-def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MixqError(f"{path}: missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MixqError(f"{path}: invalid JSON ({exc})") from None
 
 
 def spec_from_config(config: dict, where: Path) -> ModelSpec:
@@ -122,7 +114,7 @@ def weight_files(path: Path) -> list[Path]:
     """The weight files of an HF folder, checked against the index when there is one."""
     index_path = path / INDEX
     if index_path.is_file():
-        weight_map = _load_json(index_path).get("weight_map")
+        weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise MixqError(f"{index_path}: no weight_map")
         files = sorted(set(weight_map.values()))
@@ -139,7 +131,7 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def read_hf(path: Path) -> Checkpoint:
-    config = _load_json(path / "config.json")
+    config = read_json(path / "config.json")
     spec = spec_from_config(config, path / "config.json")
     files = weight_files(path)
     found: dict[str, TensorRef] = {}
@@ -164,7 +156,7 @@ def read_hf(path: Path) -> Checkpoint:
     generation = path / "generation_config.json"
     return Checkpoint(layout="hf", path=path, spec=spec, tensors=checked_tensors(spec, found, path),
                       vocab=Vocab.from_hf_dir(path),
-                      generation_config=_load_json(generation) if generation.is_file() else None,
+                      generation_config=read_json(generation) if generation.is_file() else None,
                       source_config=config, files=files)
 
 

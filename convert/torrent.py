@@ -3,7 +3,6 @@ tokenizer.model."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ import torch
 from . import pth_io
 from .checkpoint import Checkpoint, TensorRef, checked_tensors
 from .errors import MixqError
+from .jsonfile import read_json
 from .hf import write_json
 from .names import canonical_to_torrent, rotary_heads
 from .progress import bar
@@ -97,10 +97,7 @@ def _read_vocab(path: Path) -> Vocab | None:
 
 def read_torrent(path: Path) -> Checkpoint:
     params_path = path / "params.json"
-    try:
-        params = json.loads(params_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MixqError(f"{params_path}: invalid JSON ({exc})") from None
+    params = read_json(params_path)
     file = _weights(path)
     if file.suffix == ".pth":
         state = pth_io.load_state_dict(file)

@@ -9,10 +9,11 @@ from pathlib import Path
 import yaml
 
 from convert.errors import MixqError
+from convert.jsonfile import read_json
 from convert.progress import human_bytes
 
 from .check import CHECK_FILE
-from .publish import artifact_bytes, read_json
+from .publish import artifact_bytes
 
 CARD = "README.md"
 
@@ -67,13 +68,13 @@ def _check_section(check: dict | None) -> list[str]:
 
 
 def quantized_card(repo: Path, base_model: str | None = None, license_id: str = "apache-2.0") -> str:
-    config = read_json(repo / "config.json") or {}
+    config = read_json(repo / "config.json", missing_ok=True) or {}
     qc = config.get("quantization_config") or {}
     fmt = qc.get("quant_method")
     if fmt not in ("awq", "gptq"):
         raise MixqError(f"{repo}: not an AWQ or GPTQ repository (config.json has no awq/gptq quantization_config)")
-    report = read_json(repo / "report.json") or {}
-    check = read_json(repo / CHECK_FILE) or report.get("check")
+    report = read_json(repo / "report.json", missing_ok=True) or {}
+    check = read_json(repo / CHECK_FILE, missing_ok=True) or report.get("check")
     settings = report.get("settings", {})
     calib = report.get("calibration") or {}
     base = base_model or report.get("model") or "unknown"
@@ -168,7 +169,7 @@ def gguf_card(folder: Path, base_model: str | None = None, license_id: str = "ap
              "| file | type | size | bits per weight | perplexity | vs reference |", "|---|---|---|---|---|---|"]
     checks = {}
     for f in files:
-        check = read_json(f.with_suffix(".check.json"))
+        check = read_json(f.with_suffix(".check.json"), missing_ok=True)
         checks[f.name] = check
         size = f.stat().st_size
         params = infos[f]["parameters"]

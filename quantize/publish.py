@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from convert.errors import MixqError
+from convert.jsonfile import read_json
 
 from .check import CHECK_FILE
-
-
-def read_json(path: Path) -> dict | None:
-    """A report or check file; None when there is none."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as exc:
-        raise MixqError(f"{path}: invalid JSON ({exc})") from None
 
 
 def artifact_bytes(path: Path) -> int:
@@ -37,7 +27,7 @@ def release_summary(folder: str | Path) -> list[dict]:
         raise MixqError(f"{folder}: no checked artifacts ({CHECK_FILE} or *.check.json)")
     rows = []
     for artifact, check_file in found:
-        check = read_json(check_file)
+        check = read_json(check_file, missing_ok=True)
         rows.append({"artifact": str(artifact.relative_to(folder)),
                      "bytes": artifact_bytes(artifact) if artifact.exists() else 0,
                      **{k: check.get(k) for k in ("perplexity", "reference_perplexity", "delta_percent", "kl",

@@ -10,6 +10,7 @@ import torch
 
 from convert.checkpoint import Checkpoint, TensorRef
 from convert.errors import MixqError
+from convert.jsonfile import read_json
 from convert.hf import file_refs, spec_from_config, weight_files
 from convert.tokenizer import Vocab
 
@@ -29,7 +30,7 @@ def quantization_method(path: Path) -> str | None:
 
 def read_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json")
     qc = config.get("quantization_config") or {}
     fmt = qc.get("quant_method")
     if fmt not in DEQUANTIZERS:
@@ -62,7 +63,7 @@ def read_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
     generation = path / "generation_config.json"
     return Checkpoint(layout=f"hf-{fmt}", path=path, spec=spec, tensors={n: tensors[n] for n in order},
                       vocab=Vocab.from_hf_dir(path),
-                      generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
+                      generation_config=read_json(generation, missing_ok=True),
                       source_config=config, files=weight_files(path))
 
 

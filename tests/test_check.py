@@ -170,3 +170,16 @@ def test_make_check_compares_with_the_reference_it_is_given(reference):
     command = shlex.split(next(line for line in out.splitlines() if line.startswith("mixq check")))
     given = [command[i + 1] for i, a in enumerate(command) if a == "--reference"]
     assert command[2] == "some/model" and given == ([reference] if reference else [])
+
+
+@pytest.mark.parametrize("content, says", [("{not json", "invalid JSON at line 1 column 2"),
+                                           ("[1, 2]", "expected a JSON object, found list"),
+                                           (b"\xff\xfe{}", "not UTF-8 text")])
+def test_unreadable_json_in_a_repository_is_bad_input(cli, tmp_path, mixtral, content, says):
+    """Any JSON a user hands mixq goes through one reader: exit 1 and a line naming the file, never exit 70."""
+    quantize_model(mixtral, tmp_path / "q", Settings(method="rtn", scheme=Scheme(4, 128, sym=True), fmt="gptq"))
+    bad = tmp_path / "q" / "generation_config.json"
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    result = cli("check", tmp_path / "q", "--seqlen", 64, "--max-tokens", 128, "--max-new-tokens", 0)
+    assert result.exit_code == 1, result.stderr
+    assert f"{bad}: {says}" in result.stderr and result.stderr.count("\n") == 1
