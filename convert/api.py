@@ -9,7 +9,7 @@ from pathlib import Path
 from .checkpoint import Checkpoint, resolve_dtype
 from .errors import MixqError
 from .hf import is_hf_dir, parse_size, read_hf, write_hf
-from .output import staged_dir
+from .output import refuse_overlap, staged_dir
 from .torrent import is_torrent_dir, read_torrent, write_torrent
 
 LAYOUTS = ("hf", "torrent", "gguf")
@@ -54,8 +54,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str 
     src, out = Path(src), Path(out)
     if to not in LAYOUTS:
         raise MixqError(f"unknown target layout {to!r} (choose from {', '.join(LAYOUTS)})")
-    if out.resolve() == src.resolve():
-        raise MixqError(f"{out}: the output cannot be the input")
+    refuse_overlap([src], out)
     started = time.perf_counter()
     ckpt = open_checkpoint(src, layout)
     if to == "gguf":

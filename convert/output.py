@@ -21,6 +21,16 @@ def refuse_existing(targets: list[Path], force: bool) -> None:
             raise MixqError(f"{target} already exists (use --force to replace it)")
 
 
+def refuse_overlap(inputs: list[Path], out: Path) -> None:
+    """No output may equal, contain or lie inside an input: with --force, replacing it would delete the input."""
+    target = Path(out).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if source == target or target in source.parents or source in target.parents:
+            how = "is" if source == target else "contains" if target in source.parents else "lies inside"
+            raise MixqError(f"{out}: the output {how} the input {given}; choose an output outside it")
+
+
 @contextlib.contextmanager
 def staged_dir(target: Path, force: bool, keep_on_error: bool = False):
     """Yield a temporary folder that becomes `target` when the block succeeds."""

@@ -19,7 +19,7 @@ from convert.checkpoint import Checkpoint
 from convert.errors import MixqError
 from convert.hf import config_from_spec, generation_config, shard_plan, shard_names, write_json, \
     write_tokenizer_files, INDEX
-from convert.output import refuse_existing, replace_path
+from convert.output import refuse_existing, refuse_overlap, replace_path
 from convert.progress import bar, note
 from convert.safetensors_io import SafetensorsFile, SafetensorsWriter, tensor_nbytes
 from convert.spec import ModelSpec
@@ -201,6 +201,7 @@ def check_inputs(model: str | Path, out: str | Path, settings: Settings, force: 
         raise MixqError(f"{model}: quantization reads Hugging Face checkpoints, this is {ckpt.layout}; "
                         f"convert it first: mixq convert {model} DIR --to hf")
     validate(ckpt.spec, settings)
+    refuse_overlap([model], Path(out))
     refuse_existing([Path(out)], force)
     return ckpt
 
