@@ -143,8 +143,9 @@ def calibration_options(fn):
         click.option("--split", default=None, help="Dataset split (Hub sources)."),
         click.option("--field", "text_field", default=None,
                      help="Text field; 'messages' for conversations, PROMPT:RESPONSE for instruct pairs."),
-        click.option("--samples", default=128, show_default=True, help="Number of token blocks."),
-        click.option("--seqlen", default=512, show_default=True, help="Tokens per block."),
+        click.option("--samples", type=click.IntRange(min=1), default=128, show_default=True,
+                     help="Number of token blocks."),
+        click.option("--seqlen", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per block."),
         click.option("--seed", default=0, show_default=True, help="Seed of the sampling."),
         click.option("--mode", type=click.Choice(["concat", "document"]), default="concat", show_default=True,
                      help="concat: documents joined and cut into blocks; document: one window per document."),
@@ -225,18 +226,20 @@ def check_options(fn, prefix: str = ""):
         click.option(f"--{prefix}method", "eval_method", type=click.Choice(["windows", "llamacpp"]), default="windows",
                      show_default=True, help="windows: non-overlapping windows, every position scored (AWQ/GPTQ "
                                              "papers); llamacpp: BOS-led chunks, second half scored."),
-        click.option(f"--{prefix}seqlen", "eval_seqlen", default=2048, show_default=True,
+        click.option(f"--{prefix}seqlen", "eval_seqlen", type=click.IntRange(min=2), default=2048, show_default=True,
                      help="Tokens per perplexity window."),
-        click.option("--max-tokens", "max_tokens", type=int, default=None, help="Evaluate on at most this many "
-                                                                                 "tokens of the text."),
+        click.option("--max-tokens", "max_tokens", type=click.IntRange(min=2), default=None,
+                     help="Evaluate on at most this many tokens of the text."),
         click.option("--prompt", "prompts", multiple=True, help="A generation prompt (repeatable), rendered with "
                                                                  "the chat template; default: two built-in ones."),
-        click.option("--max-new-tokens", default=128, show_default=True, help="0 skips generation."),
+        click.option("--max-new-tokens", type=click.IntRange(min=0), default=128, show_default=True,
+                     help="0 skips generation."),
         click.option("--temperature", default=0.0, show_default=True, help="0 is greedy."),
         click.option("--top-p", default=1.0, show_default=True),
         click.option("--sample-seed" if prefix else "--seed", "sample_seed", default=0, show_default=True,
                      help="Seed for sampling."),
-        click.option("--eval-batch", "eval_batch", default=4, show_default=True, help="Windows per forward pass."),
+        click.option("--eval-batch", "eval_batch", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Windows per forward pass."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -321,7 +324,7 @@ def engine_options(fn):
     """Options every quantization method takes."""
     options = [
         click.option("--bits", default=4, show_default=True, help="Bits per weight."),
-        click.option("--group-size", default=128, show_default=True,
+        click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True,
                      help="Weights per quantization group (must divide every linear's input size)."),
         click.option("--expert-naming", type=click.Choice(["classic", "transformers"]), default="classic",
                      show_default=True,
@@ -331,7 +334,8 @@ def engine_options(fn):
         click.option("--compute-dtype", "compute_dtype", type=click.Choice(["auto", "f32", "f16", "bf16"]),
                      default="auto", show_default=True, help="Calibration arithmetic (auto: f32 on CPU, the "
                                                              "model's 16-bit type on CUDA)."),
-        click.option("--batch", default=8, show_default=True, help="Calibration blocks per forward pass."),
+        click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Calibration blocks per forward pass."),
         click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer."),
         click.option("--force", is_flag=True, help="Replace OUT if it exists."),
@@ -418,7 +422,7 @@ def quantize_rtn(model, out, fmt, sym, **kwargs):
 @calibration_options
 @engine_options
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or zero-point groups.")
-@click.option("--damp", default=0.01, show_default=True,
+@click.option("--damp", type=click.FloatRange(min=0, max=1, min_open=True), default=0.01, show_default=True,
               help="Dampening, a fraction of the Hessian's mean diagonal (raised on Cholesky failure).")
 @click.option("--desc-act/--no-desc-act", default=True, show_default=True,
               help="Quantize columns in order of decreasing activation (act-order).")
@@ -445,7 +449,7 @@ def quantize_gptq(model, out, sym, damp, desc_act, static_groups, true_sequentia
               help="Asymmetric groups with a zero point (AutoAWQ's default) or symmetric ones.")
 @click.option("--version", "version", type=click.Choice(["gemm"]), default="gemm", show_default=True,
               help="Packed layout (GEMM: what vLLM, TGI and transformers load).")
-@click.option("--grid", default=20, show_default=True, help="Points of the scale search.")
+@click.option("--grid", type=click.IntRange(min=1), default=20, show_default=True, help="Points of the scale search.")
 @click.option("--no-clip", is_flag=True, help="Skip the clipping search.")
 @click.option("--duo-scaling/--no-duo-scaling", default=True, show_default=True,
               help="Scales from activations and weights (AutoAWQ's default) or activations only.")

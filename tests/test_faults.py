@@ -49,3 +49,23 @@ def test_quantize_never_replaces_its_model(cli, tmp_path, where, says):
     before = tree(tmp_path)
     one_line_error(cli("quantize", "rtn", model, tmp_path / where if where != "m" else model, "--force"), 1, says)
     assert tree(tmp_path) == before
+
+
+# ---- numbers that make no sense are usage errors, before any work -------------------------------------------
+
+@pytest.mark.parametrize("args", [["quantize", "gptq", "{m}", "{out}", "--samples", "0"],
+                                  ["quantize", "gptq", "{m}", "{out}", "--samples", "-1"],
+                                  ["quantize", "gptq", "{m}", "{out}", "--seqlen", "-1"],
+                                  ["quantize", "gptq", "{m}", "{out}", "--damp", "-1"],
+                                  ["quantize", "rtn", "{m}", "{out}", "--group-size", "0"],
+                                  ["quantize", "rtn", "{m}", "{out}", "--batch", "0"],
+                                  ["quantize", "awq", "{m}", "{out}", "--grid", "0"],
+                                  ["check", "{m}", "--seqlen", "0"],
+                                  ["check", "{m}", "--eval-batch", "0"],
+                                  ["check", "{m}", "--max-new-tokens", "-1"]])
+def test_nonsense_numbers_are_usage_errors(cli, tmp_path, args):
+    model = tiny_hf(tmp_path / "m")
+    before = tree(tmp_path)
+    result = cli(*[a.format(m=model, out=tmp_path / "out") for a in args])
+    assert result.exit_code == 2 and "Invalid value" in result.stderr, result.stderr
+    assert tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
