@@ -156,7 +156,7 @@ def read_hf(path: Path) -> Checkpoint:
     generation = path / "generation_config.json"
     return Checkpoint(layout="hf", path=path, spec=spec, tensors=checked_tensors(spec, found, path),
                       vocab=Vocab.from_hf_dir(path),
-                      generation_config=read_json(generation) if generation.is_file() else None,
+                      generation_config=read_json(generation, missing_ok=True),
                       source_config=config, files=files)
 
 
