@@ -4,6 +4,7 @@ time)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -16,14 +17,15 @@ import torch
 
 from .checkpoint import Checkpoint, TensorRef, checked_tensors
 from .errors import MixqError
+from .gguf_header import check_header
 from .hf import parse_size
 from .names import (DENSE_MLP_TENSORS, EXPERT_TENSORS, GLOBAL_TENSORS, LAYER_TENSORS, ROUTER_TENSORS,
                     expected_shapes, rotary_heads)
-from .output import publish, refuse_existing, scratch_beside
+from .output import claim, publish, refuse_existing, scratch_beside
 from .pages import drop_file_pages
 from .progress import bar, is_quiet, note
 from .rope import half_to_interleaved, interleaved_to_half
-from .spec import ModelSpec
+from .spec import ModelSpec, integer, number, per_head
 from .tokenizer import UNUSED, Vocab
 
 ARCH = "llama"  # Mixtral, Mistral and Llama GGUFs all say general.architecture = llama
@@ -77,26 +79,12 @@ class _File:
     def __init__(self, path: Path):
         gguf = _gguf()
         self.path = path
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise MixqError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
-        try:
+        check_header(path, {t.value: gguf.GGML_QUANT_SIZES[t] for t in gguf.GGMLQuantizationType
+                            if t in gguf.GGML_QUANT_SIZES})
+        try:  # the header was walked above; what gguf-py still refuses is refused in one line too
             self.reader = gguf.GGUFReader(path, mode="c")
-        except ValueError as exc:
-            text = str(exc)
-            if "GGMLQuantizationType" in text:
-                raise MixqError(f"{path}: unknown tensor type ({text})") from None
-            if "reshape" in text or "out of bounds" in text or "size" in text:
-                raise MixqError(f"{path}: truncated GGUF ({text})") from None
-            raise MixqError(f"{path}: unreadable GGUF ({text})") from None
-        except (IndexError, OverflowError) as exc:
-            raise MixqError(f"{path}: truncated GGUF ({exc})") from None
-        size = path.stat().st_size
-        for t in self.reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise MixqError(f"{path}: truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes} "
-                                f"but the file has {size} bytes")
+        except (ValueError, IndexError, OverflowError, KeyError) as exc:
+            raise MixqError(f"{path}: unreadable GGUF ({exc})") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.base = self.reader.data.ctypes.data
 
@@ -143,38 +131,46 @@ def spec_from_metadata(kv: dict, tensor_names: set[str], where: Path) -> ModelSp
         raise MixqError(f"{where}: unsupported GGUF architecture {arch!r} (Mixtral, Mistral and Llama GGUFs "
                         f"are 'llama')")
     k = lambda key: f"{ARCH}.{key}"  # noqa: E731
-    hidden = int(_required(kv, k("embedding_length"), where))
-    heads = int(_required(kv, k("attention.head_count"), where))
-    experts = int(kv.get(k("expert_count"), 0) or 0)
-    name = str(kv.get("general.name", "")) + " " + str(kv.get("general.basename", ""))
-    vocab = kv.get(k("vocab_size")) or len(kv.get("tokenizer.ggml.tokens") or []) or 0
-    spec = ModelSpec(
-        arch="mixtral" if experts else ("mistral" if "mistral" in name.lower() else "llama"),
-        hidden_size=hidden, num_layers=int(_required(kv, k("block_count"), where)), num_heads=heads,
-        num_kv_heads=int(kv.get(k("attention.head_count_kv"), heads)),
-        head_dim=int(kv.get(k("attention.key_length")) or kv.get(k("rope.dimension_count")) or hidden // heads),
-        intermediate_size=int(_required(kv, k("feed_forward_length"), where)), vocab_size=int(vocab),
-        rms_norm_eps=float(_required(kv, k("attention.layer_norm_rms_epsilon"), where)),
-        rope_theta=float(kv.get(k("rope.freq_base"), 10000.0)),
-        max_position_embeddings=int(_required(kv, k("context_length"), where)),
-        num_experts=experts, experts_per_tok=int(kv.get(k("expert_used_count"), 0) or 0),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=kv.get("tokenizer.ggml.bos_token_id"), eos_token_id=kv.get("tokenizer.ggml.eos_token_id"))
-    if spec.vocab_size <= 0:
+    try:
+        hidden = integer(_required(kv, k("embedding_length"), where))
+        heads = integer(_required(kv, k("attention.head_count"), where))
+        experts = integer(kv.get(k("expert_count"), 0) or 0)
+        name = str(kv.get("general.name", "")) + " " + str(kv.get("general.basename", ""))
+        vocab = kv.get(k("vocab_size")) or len(kv.get("tokenizer.ggml.tokens") or []) or 0
+        spec = ModelSpec(
+            arch="mixtral" if experts else ("mistral" if "mistral" in name.lower() else "llama"),
+            hidden_size=hidden, num_layers=integer(_required(kv, k("block_count"), where)), num_heads=heads,
+            num_kv_heads=integer(kv.get(k("attention.head_count_kv"), heads)),
+            head_dim=integer(kv.get(k("attention.key_length")) or kv.get(k("rope.dimension_count")) or per_head(hidden, heads)),
+            intermediate_size=integer(_required(kv, k("feed_forward_length"), where)), vocab_size=integer(vocab),
+            rms_norm_eps=number(_required(kv, k("attention.layer_norm_rms_epsilon"), where)),
+            rope_theta=number(kv.get(k("rope.freq_base"), 10000.0)),
+            max_position_embeddings=integer(_required(kv, k("context_length"), where)),
+            num_experts=experts, experts_per_tok=integer(kv.get(k("expert_used_count"), 0) or 0),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            bos_token_id=kv.get("tokenizer.ggml.bos_token_id"), eos_token_id=kv.get("tokenizer.ggml.eos_token_id"))
+    except (TypeError, ZeroDivisionError) as exc:
+        raise MixqError(f"{where}: bad metadata value ({exc})") from None
+    if spec.vocab_size == 0:
         raise MixqError(f"{where}: missing metadata key {ARCH}.vocab_size (and no tokenizer.ggml.tokens)")
     return spec.validate(str(where))
 
 
-def vocab_from_metadata(kv: dict) -> Vocab | None:
+def vocab_from_metadata(kv: dict, where: Path) -> Vocab | None:
     model = kv.get("tokenizer.ggml.model")
     tokens = kv.get("tokenizer.ggml.tokens")
     if not model or not tokens:
         return None
     if model not in ("llama", "gpt2"):
-        raise MixqError(f"unsupported GGUF tokenizer model {model!r} (llama or gpt2)")
+        raise MixqError(f"{where}: unsupported GGUF tokenizer model {model!r} (llama or gpt2)")
     n = len(tokens)
     scores = kv.get("tokenizer.ggml.scores") or [0.0] * n
     types = kv.get("tokenizer.ggml.token_type") or [1] * n
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) \
+            or not isinstance(scores, list) or not isinstance(types, list) or not len(scores) == len(types) == n \
+            or not all(isinstance(x, (int, float)) for x in scores + types):
+        raise MixqError(f"{where}: tokenizer.ggml.tokens, scores and token_type must be arrays of {n} tokens, "
+                        f"numbers and type ids")
     return Vocab(model=model, tokens=list(tokens), scores=[float(s) for s in scores], types=[int(t) for t in types],
                  merges=list(kv.get("tokenizer.ggml.merges") or []),
                  bos_id=kv.get("tokenizer.ggml.bos_token_id"), eos_id=kv.get("tokenizer.ggml.eos_token_id"),
@@ -213,7 +209,7 @@ def read_gguf(path: Path) -> Checkpoint:
             raise MixqError(f"{located[name].path}: {name}: unexpected tensor for a {spec.arch} model "
                             f"with {spec.num_layers} layers")
     return Checkpoint(layout="gguf", path=path, spec=spec, tensors=checked_tensors(spec, found, path),
-                      vocab=vocab_from_metadata(kv), source_config={k: v for k, v in kv.items()},
+                      vocab=vocab_from_metadata(kv, path), source_config={k: v for k, v in kv.items()},
                       files=[f.path for f in files])
 
 
@@ -407,6 +403,18 @@ def write_gguf(ckpt: Checkpoint, path: Path, type_name: str, file_type: int,
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.type_name),
                                raw_dtype=gguf.GGMLQuantizationType[p.type_name])
     paths = writer.format_shard_names(path)
+    try:
+        _write_all(writer, ckpt, spec, plan, path)
+    except BaseException:  # close the files (a full disk stays busy while a deleted file is open), re-raise
+        for f in writer.fout or []:
+            with contextlib.suppress(OSError):
+                f.close()
+        raise
+    writer.close()
+    return paths
+
+
+def _write_all(writer, ckpt: Checkpoint, spec: ModelSpec, plan: list[_Planned], path: Path) -> None:
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -423,8 +431,6 @@ def write_gguf(ckpt: Checkpoint, path: Path, type_name: str, file_type: int,
             encoded = pool.map(encode, p.sources) if len(p.sources) > 1 else map(encode, p.sources)
             _write_tensor(writer, encoded, _nbytes(p.shape, p.type_name), written=ckpt.release)
             pbar.update(_nbytes(p.shape, p.type_name))
-    writer.close()
-    return paths
 
 
 def _write_tensor(writer, parts, nbytes: int, written=None) -> None:
@@ -466,7 +472,7 @@ def write_gguf_file(ckpt: Checkpoint, out: Path, outtype: str = "auto", split_ma
                         "split the result with llama.cpp's gguf-split")
     refuse_existing([out], force)
     quantizer = _llama_cpp_quantizer() if outtype in LLAMA_CPP_TYPES else None
-    with scratch_beside(out) as stage:
+    with claim(out), scratch_beside(out) as stage:
         if quantizer is None:
             type_name, file_type = GGUF_PY_TYPES[outtype]
             written = write_gguf(ckpt, stage / out.name, type_name, file_type, split)

@@ -26,7 +26,9 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 * 1024 * 1024
+# The largest header read: 16 MB of JSON is ~130k tensors (Mixtral-8x7B has 995) and costs ~25x its size to
+# parse, so a crafted header cannot take the machine (safetensors' own reader allows 100 MB).
+MAX_HEADER = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -48,29 +50,18 @@ class SafetensorsFile:
             if len(raw) < 8:
                 raise MixqError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
             (header_len,) = struct.unpack("<Q", raw)
-            if header_len > MAX_HEADER or 8 + header_len > size:
+            if 8 + header_len > size:
                 raise MixqError(f"{self.path}: not a safetensors file or truncated "
                                 f"(header of {header_len} bytes, file of {size})")
+            if header_len > MAX_HEADER:
+                raise MixqError(f"{self.path}: safetensors header of {header_len} bytes is over the "
+                                f"{MAX_HEADER} this reader accepts")
             try:
                 header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 raise MixqError(f"{self.path}: unreadable safetensors header ({exc})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + header_len
-        self.entries: dict[str, Entry] = {}
-        for name, info in header.items():
-            if info["dtype"] not in DTYPES:
-                raise MixqError(f"{self.path}: tensor {name} has unknown dtype {info['dtype']!r}")
-            begin, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            nbytes = math.prod(shape) * DTYPES[info["dtype"]].itemsize
-            if end - begin != nbytes:
-                raise MixqError(f"{self.path}: tensor {name} holds {end - begin} bytes but its shape "
-                                f"{list(shape)} needs {nbytes}")
-            if self.data_start + end > size:
-                raise MixqError(f"{self.path}: truncated: tensor {name} ends at byte {self.data_start + end} "
-                                f"but the file has {size} bytes")
-            self.entries[name] = Entry(DTYPES[info["dtype"]], shape, begin, end)
+        self.metadata, self.entries = _parse_header(header, size - self.data_start, self.path)
         self._mmap = None
 
     def _map(self) -> mmap.mmap:
@@ -95,6 +86,52 @@ class SafetensorsFile:
         base = torch.frombuffer(self._mmap, dtype=torch.uint8, count=1).data_ptr()
         drop_file_pages(base + self.data_start + e.begin, e.end - e.begin)
 
+
+
+def _parse_header(header, data_bytes: int, path: Path) -> tuple[dict[str, str], dict[str, Entry]]:
+    """Every entry checked as the format requires before a byte is read: known dtype, shape of non-negative
+    integers, offsets that tile the data section in order (no gap, no overlap, nothing past its end) and hold
+    exactly shape x itemsize bytes; the reference reader refuses the same files."""
+    if not isinstance(header, dict):
+        raise MixqError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise MixqError(f"{path}: safetensors __metadata__ must map names to strings")
+    entries: dict[str, Entry] = {}
+    for name, info in header.items():
+        where = f"{path}: tensor {name}"
+        if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"} or len(info) != 3:
+            raise MixqError(f"{where}: entry must hold exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise MixqError(f"{where} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise MixqError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) \
+                or offsets[0] > offsets[1]:
+            raise MixqError(f"{where}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+        begin, end = offsets
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        if end - begin != nbytes:
+            raise MixqError(f"{where} holds {end - begin} bytes but its shape {shape} needs {nbytes}")
+        if end > data_bytes:
+            raise MixqError(f"{path}: truncated: tensor {name} ends at byte {8 + end} of the data but the file "
+                            f"holds {data_bytes} bytes of data")
+        entries[name] = Entry(DTYPES[dtype], tuple(shape), begin, end)
+    position = 0
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if e.begin != position:
+            how = "overlaps the tensor before it" if e.begin < position else f"leaves a gap at byte {position}"
+            raise MixqError(f"{path}: tensor {name} (data_offsets [{e.begin}, {e.end}]) {how}")
+        position = e.end
+    if position != data_bytes:
+        raise MixqError(f"{path}: {data_bytes - position} bytes after the last tensor; the header does not "
+                        f"describe this file")
+    return metadata, entries
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def tensor_nbytes(shape, dtype: torch.dtype) -> int:

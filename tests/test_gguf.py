@@ -238,7 +238,7 @@ def test_unknown_tensor_type(cli, tmp_path, gguf_file):
     data = bytearray(gguf_file.read_bytes())
     data[type_offset:type_offset + 4] = struct.pack("<I", 99)
     gguf_file.write_bytes(bytes(data))
-    _fails(cli, tmp_path, gguf_file, "unknown tensor type")
+    _fails(cli, tmp_path, gguf_file, "unknown ggml type id 99")
 
 
 def test_missing_hyperparameter(cli, tmp_path, gguf_file):
