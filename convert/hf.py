@@ -15,7 +15,7 @@ from .jsonfile import read_json
 from .names import IGNORED_SUFFIXES, TRANSFORMERS_EXPERT_NAMES
 from .progress import bar
 from .safetensors_io import DTYPE_NAMES, SafetensorsFile, SafetensorsWriter, tensor_nbytes
-from .spec import ModelSpec
+from .spec import ModelSpec, integer, number, per_head
 from .tokenizer import Vocab
 
 HF_CLASSES = {"mixtral": "MixtralForCausalLM", "mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}
@@ -38,6 +38,9 @@ def spec_from_config(config: dict, where: Path) -> ModelSpec:
     if model_type not in HF_CLASSES:
         raise MixqError(f"{where}: unsupported architecture model_type={model_type!r} "
                         f"(supported: {', '.join(HF_CLASSES)})")
+    for key in ("quantization_config", "rope_parameters", "rope_scaling"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise MixqError(f"{where}: {key} must be an object, got {config[key]!r}")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
         raise MixqError(f"{where}: this is a {method}-quantized checkpoint; convert reads unquantized weights "
@@ -51,24 +54,24 @@ def spec_from_config(config: dict, where: Path) -> ModelSpec:
         raise MixqError(f"{where}: rope type {rope_type!r} is not supported (only the default rotary embedding)")
     rope_theta = config.get("rope_theta", rope.get("rope_theta"))
     try:
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
+        heads = integer(config["num_attention_heads"])
+        hidden = integer(config["hidden_size"])
         spec = ModelSpec(
-            arch=model_type, hidden_size=hidden, num_layers=int(config["num_hidden_layers"]),
-            num_heads=heads, num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            intermediate_size=int(config["intermediate_size"]), vocab_size=int(config["vocab_size"]),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6 if model_type == "llama" else 1e-5)),
-            rope_theta=float(rope_theta if rope_theta is not None else (1e6 if model_type == "mixtral" else 1e4)),
-            max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
+            arch=model_type, hidden_size=hidden, num_layers=integer(config["num_hidden_layers"]),
+            num_heads=heads, num_kv_heads=integer(config.get("num_key_value_heads") or heads),
+            head_dim=integer(config.get("head_dim") or per_head(hidden, heads)),
+            intermediate_size=integer(config["intermediate_size"]), vocab_size=integer(config["vocab_size"]),
+            rms_norm_eps=number(config.get("rms_norm_eps", 1e-6 if model_type == "llama" else 1e-5)),
+            rope_theta=number(rope_theta if rope_theta is not None else (1e6 if model_type == "mixtral" else 1e4)),
+            max_position_embeddings=integer(config.get("max_position_embeddings", 32768)),
             sliding_window=config.get("sliding_window") if model_type != "llama" else None,
-            num_experts=int(config.get("num_local_experts", 0)) if model_type == "mixtral" else 0,
-            experts_per_tok=int(config.get("num_experts_per_tok", 0)) if model_type == "mixtral" else 0,
+            num_experts=integer(config.get("num_local_experts", 0)) if model_type == "mixtral" else 0,
+            experts_per_tok=integer(config.get("num_experts_per_tok", 0)) if model_type == "mixtral" else 0,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             bos_token_id=config.get("bos_token_id"), eos_token_id=_first(config.get("eos_token_id")))
     except KeyError as exc:
         raise MixqError(f"{where}: missing key {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
         raise MixqError(f"{where}: bad value ({exc})") from None
     return spec.validate(str(where))
 
@@ -117,8 +120,11 @@ def weight_files(path: Path) -> list[Path]:
         weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise MixqError(f"{index_path}: no weight_map")
-        files = sorted(set(weight_map.values()))
+        files = sorted(set(weight_map.values()), key=str)
         for name in files:
+            if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+                raise MixqError(f"{index_path}: weight_map names {name!r}; entries must be file names in "
+                                f"this folder")
             if not (path / name).is_file():
                 raise MixqError(f"{path / name}: missing (named in {INDEX})")
         return [path / name for name in files]

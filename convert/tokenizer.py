@@ -124,6 +124,13 @@ class Vocab:
         files = {name: (path / name).read_bytes() for name in HF_TOKENIZER_FILES if (path / name).is_file()}
         if not files:
             return None
+        try:
+            return cls._from_hf_files(path, files)
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:  # JSON of the wrong shape
+            raise MixqError(f"{path}: malformed tokenizer files ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _from_hf_files(cls, path: Path, files: dict[str, bytes]) -> "Vocab | None":
         config = _json(files.get("tokenizer_config.json"), path / "tokenizer_config.json") or {}
         template = config.get("chat_template")
         if "chat_template.jinja" in files:
@@ -132,6 +139,8 @@ class Vocab:
             template = _json(files["chat_template.json"], path / "chat_template.json").get("chat_template")
         if isinstance(template, list):  # several named templates: keep the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise TypeError(f"chat_template must be text, got {template!r}")
         if "tokenizer.model" in files:
             vocab = cls.from_sp_model(files["tokenizer.model"], str(path / "tokenizer.model"), template)
             vocab.add_bos = bool(config.get("add_bos_token", True))
@@ -309,9 +318,12 @@ def _json(data: bytes | None, where: Path):
     if data is None:
         return None
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise MixqError(f"{where}: invalid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise MixqError(f"{where}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def _dump(obj) -> bytes:

@@ -16,7 +16,7 @@ from .names import canonical_to_torrent, rotary_heads
 from .progress import bar
 from .rope import half_to_interleaved, interleaved_to_half
 from .safetensors_io import DTYPE_NAMES, SafetensorsFile, SafetensorsWriter
-from .spec import ModelSpec
+from .spec import ModelSpec, integer, number, per_head
 from .tokenizer import MISTRAL_V1_CHAT_TEMPLATE, Vocab
 
 DEFAULT_CONTEXT = 32768     # mistral-inference / llama.cpp for Mixtral; transformers' native config default
@@ -42,22 +42,22 @@ def spec_from_params(params: dict, where: Path, vocab_rows: int | None = None) -
     # mistral-inference: theta = rope_theta or 1e6; the first MoE release: 1e6 unless a sliding window is set
     rope_theta = params.get("rope_theta") or (1e6 if moe or sliding is None else 1e4)
     try:
-        dim, heads = int(params["dim"]), int(params["n_heads"])
-        vocab = int(params.get("vocab_size", -1))
+        dim, heads = integer(params["dim"]), integer(params["n_heads"])
+        vocab = integer(params.get("vocab_size", -1))
         spec = ModelSpec(
-            arch="mixtral" if moe else "mistral", hidden_size=dim, num_layers=int(params["n_layers"]),
-            num_heads=heads, num_kv_heads=int(params.get("n_kv_heads") or heads),
-            head_dim=int(params.get("head_dim") or dim // heads), intermediate_size=int(params["hidden_dim"]),
-            vocab_size=vocab if vocab > 0 else int(vocab_rows or 0), rms_norm_eps=float(params["norm_eps"]),
-            rope_theta=float(rope_theta),
-            max_position_embeddings=int(params.get("max_seq_len") or params.get("max_position_embeddings")
+            arch="mixtral" if moe else "mistral", hidden_size=dim, num_layers=integer(params["n_layers"]),
+            num_heads=heads, num_kv_heads=integer(params.get("n_kv_heads") or heads),
+            head_dim=integer(params.get("head_dim") or per_head(dim, heads)), intermediate_size=integer(params["hidden_dim"]),
+            vocab_size=vocab if vocab > 0 else integer(vocab_rows or 0), rms_norm_eps=number(params["norm_eps"]),
+            rope_theta=number(rope_theta),
+            max_position_embeddings=integer(params.get("max_seq_len") or params.get("max_position_embeddings")
                                         or DEFAULT_CONTEXT),
-            sliding_window=int(sliding) if sliding else None,
-            num_experts=int(moe.get("num_experts", 0)), experts_per_tok=int(moe.get("num_experts_per_tok", 0)),
+            sliding_window=integer(sliding) if sliding else None,
+            num_experts=integer(moe.get("num_experts", 0)), experts_per_tok=integer(moe.get("num_experts_per_tok", 0)),
             tie_word_embeddings=bool(params.get("tied_embeddings", False)))
     except KeyError as exc:
         raise MixqError(f"{where}: missing key {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
         raise MixqError(f"{where}: bad value ({exc})") from None
     return spec.validate(str(where))
 
