@@ -7,6 +7,9 @@ or interrupted run leaves the target as it was; an existing target is replaced o
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import glob
 import os
 import shutil
 import tempfile
@@ -17,7 +20,7 @@ from .errors import MixqError
 
 def refuse_existing(targets: list[Path], force: bool) -> None:
     for target in targets:
-        if target.exists() and not force:
+        if (target.exists() or target.is_symlink()) and not force:  # a dangling link is there too
             raise MixqError(f"{target} already exists (use --force to replace it)")
 
 
@@ -32,19 +35,14 @@ def refuse_overlap(inputs: list[Path], out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(target: Path, force: bool, keep_on_error: bool = False):
+def staged_dir(target: Path, force: bool):
     """Yield a temporary folder that becomes `target` when the block succeeds."""
     target = Path(target)
     refuse_existing([target], force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stage = _make_stage(target)
-    try:
+    with claim(target), scratch_beside(target) as stage:
         yield stage
-    except BaseException:
-        if not keep_on_error:
-            shutil.rmtree(stage, ignore_errors=True)
-        raise
-    replace_path(stage, target)
+        refuse_existing([target], force)  # what another program put there meanwhile is not replaced either
+        replace_path(stage, target)
 
 
 @contextlib.contextmanager
@@ -54,8 +52,57 @@ def scratch_beside(target: Path):
     stage = _make_stage(target)
     try:
         yield stage
+    except OSError as exc:  # named while the staging still fills the disk, then removed
+        raise _named(exc, target) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def claim(target: Path):
+    """Be the only mixq writing `target` for the block, and make write failures name it.
+
+    A second writer refuses at once instead of racing the first to the final rename. The lock is flock(2) on a
+    file beside the target, so it dies with its process; once it is held, staging left by a killed writer of
+    the same target is swept. A failed write (a full or read-only disk) ends as one line naming the path.
+    """
+    target = Path(target)
+    lock = target.parent / f".{target.name}.mixq-lock"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _named(exc, target) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(lock).st_ino:  # the holder finished and removed it meanwhile
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            raise MixqError(f"{target}: another mixq process is writing it (lock {lock})") from None
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        try:
+            yield
+        except OSError as exc:
+            raise _named(exc, target) from None
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _named(exc: OSError, target: Path) -> MixqError:
+    why = exc.strerror or str(exc)
+    if exc.errno is None and _disk_full(target):  # numpy's short write ("N requested and M written") has no errno
+        why = f"{os.strerror(errno.ENOSPC)} ({why})"
+    return MixqError(f"{exc.filename or target}: {why}")
+
+
+def _disk_full(target: Path) -> bool:
+    try:
+        return shutil.disk_usage(target.parent).free < 1 << 16
+    except OSError:
+        return False
 
 
 def publish(files: list[Path], folder: Path, force: bool) -> list[Path]:
@@ -63,7 +110,7 @@ def publish(files: list[Path], folder: Path, force: bool) -> list[Path]:
     finals = [folder / f.name for f in files]
     refuse_existing(finals, force)
     for f, final in zip(files, finals):
-        os.replace(f, final)
+        replace_path(f, final)
     return finals
 
 

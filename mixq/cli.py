@@ -1,7 +1,8 @@
 """The `mixq` command: argument parsing and output only; the work is done by library functions.
 
 Exit codes: 0 success; 1 bad input or a failed step (one line on stderr says what and where); 2 usage error;
-3 a check that ran but missed its threshold; 130 interrupted; 70 internal error (a bug: please report it).
+3 a check that ran but missed its threshold; 130 interrupted (SIGINT), 143 terminated (SIGTERM), 129 hung up
+(SIGHUP); 70 internal error (a bug: please report it).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -37,6 +39,13 @@ def command(fn):
         except KeyboardInterrupt:
             click.echo("mixq: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except Terminated as exc:
+            click.echo(f"mixq: terminated by {signal.Signals(exc.signum).name}", err=True)
+            sys.exit(128 + exc.signum)
+        except OSError as exc:  # the disk or the system refused (full, read-only, permissions): not a bug
+            click.echo(f"mixq: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
+                       err=True)
+            sys.exit(EXIT_INPUT)
         except Exception as exc:  # a bug: one line, and the traceback on request
             if os.environ.get("MIXQ_DEBUG"):
                 traceback.print_exc()
@@ -52,6 +61,24 @@ def command(fn):
     wrapper = click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")(wrapper)
     return click.option("--json", "json_out", is_flag=True,
                         help="Print the result as JSON on stdout (implies --quiet).")(wrapper)
+
+
+class Size(click.ParamType):
+    """A byte count or a size such as 5GB or 2GiB; anything else is a usage error (exit 2)."""
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from convert.hf import parse_size
+        try:
+            size = parse_size(value)
+        except MixqError as exc:
+            self.fail(str(exc), param, ctx)
+        if size <= 0:
+            self.fail(f"{value!r} is not a positive size", param, ctx)
+        return size
+
+
+SIZE = Size()
 
 
 def table(rows: list[tuple[str, object]]) -> str:
@@ -79,8 +106,9 @@ def main():
                                               "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s",
                                               "q5_k_m", "q6_k"], case_sensitive=False),
               default="auto", show_default=True, help="GGUF tensor type (K-quants need the llama-cpp extra).")
-@click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard (hf output).")
-@click.option("--split-max-size", default=None, help="Split GGUF output into files of at most this size.")
+@click.option("--shard-size", type=SIZE, default="5GB", show_default=True,
+              help="Largest safetensors shard (hf output).")
+@click.option("--split-max-size", type=SIZE, default=None, help="Split GGUF output into files of at most this size.")
 @click.option("--weights", "weights_format", type=click.Choice(["safetensors", "pth"]), default="safetensors",
               show_default=True, help="Torrent output: consolidated.safetensors or consolidated.00.pth.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -294,15 +322,21 @@ def _render_check(r: dict) -> str:
 @click.option("--dtype", "compute_dtype", type=click.Choice(["auto", "f32", "f16", "bf16"]), default="auto",
               show_default=True, help="auto: f32 on CPU, bf16 on CUDA.")
 @click.option("-o", "--output", type=click.Path(path_type=str), default=None, help="Write the report (JSON) here.")
+@click.option("--force", is_flag=True, help="Replace the report at --output if it exists.")
 @click.option("--fail-above", type=float, default=None,
               help="Exit with code 3 when the perplexity exceeds the reference's by more than this many percent.")
 @command
-def check_cmd(model, reference, device, compute_dtype, output, fail_above, **kwargs):
+def check_cmd(model, reference, device, compute_dtype, output, force, fail_above, **kwargs):
     """Perplexity and sample generations for an HF, AWQ, GPTQ or GGUF checkpoint."""
     from quantize.check import run_check, save_check
     if fail_above is not None and reference is None:  # a gate with nothing to compare would always pass
         raise click.UsageError("--fail-above needs --reference: the limit is on the increase over the reference's "
                                "perplexity")
+    if output:  # before the evaluation, not after it
+        from convert.output import refuse_existing
+        refuse_existing([Path(output)], force)
+        if not Path(output).parent.is_dir():
+            raise MixqError(f"{output}: no folder {Path(output).parent} to write the report into")
     options = check_kwargs(kwargs)
     report = run_check(model, reference=reference, device=device, dtype=compute_dtype,
                        stream=_stream(progress.is_quiet()), **options)
@@ -336,7 +370,7 @@ def engine_options(fn):
                                                              "model's 16-bit type on CUDA)."),
         click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
                      help="Calibration blocks per forward pass."),
-        click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard."),
+        click.option("--shard-size", type=SIZE, default="5GB", show_default=True, help="Largest safetensors shard."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer."),
         click.option("--force", is_flag=True, help="Replace OUT if it exists."),
         click.option("--check", "run_check", is_flag=True,
@@ -350,17 +384,23 @@ def engine_options(fn):
 
 def _run_quantize(method, model, out, fmt, sym, settings_extra, kwargs, calib=True):
     from calibration import prepare
-    from convert.hf import parse_size
     from quantize import Scheme, Settings, quantize_model
+    from quantize.runner import FORMAT_BITS, check_inputs
+    bits = kwargs.pop("bits")
+    if bits not in FORMAT_BITS[fmt]:
+        raise click.BadParameter(f"{bits}: the {fmt.upper()} format holds "
+                                 f"{' or '.join(map(str, FORMAT_BITS[fmt]))}-bit weights", param_hint="'--bits'")
     calib_opts = calibration_kwargs(kwargs) if calib else None
-    scheme = Scheme(bits=kwargs.pop("bits"), group_size=kwargs.pop("group_size"), sym=sym, rule=fmt)
+    scheme = Scheme(bits=bits, group_size=kwargs.pop("group_size"), sym=sym, rule=fmt)
     settings = Settings(method=method, scheme=scheme, fmt=fmt, expert_naming=kwargs.pop("expert_naming"),
                         device=kwargs.pop("device"), dtype=kwargs.pop("compute_dtype"), batch=kwargs.pop("batch"),
-                        shard_size=parse_size(kwargs.pop("shard_size")), **settings_extra)
+                        shard_size=kwargs.pop("shard_size"), **settings_extra)
     force, resume, checking = kwargs.pop("force"), kwargs.pop("resume"), kwargs.pop("run_check")
     check_opts = check_kwargs(kwargs)
-    from quantize.runner import check_inputs
     check_inputs(model, out, settings, force)  # before the calibration text is tokenized
+    if checking:  # the evaluation text must resolve before hours of quantization, not after
+        from calibration.sources import load_texts
+        load_texts(check_opts["eval_source"], evaluation=True)
     blocks = None
     if calib_opts is not None:
         blocks = prepare(model, calib_opts.pop("calib"), **calib_opts)
@@ -498,6 +538,30 @@ def report_cmd(folder):
     return rows, render
 
 
+@main.command("preflight")
+@click.argument("model", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--method", "methods", multiple=True, type=click.Choice(["awq", "gptq"]),
+              help="A repository the pipeline will quantize (repeat).")
+@click.option("--outtype", "outtypes", multiple=True, help="A GGUF type the pipeline will write (repeat).")
+@click.option("--calib", default=None, help="The calibration source the pipeline will read.")
+@click.option("--eval", "eval_source", default=None, help="The evaluation source its checks will read.")
+@click.option("--bits", type=int, default=4, show_default=True)
+@click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--name", default=None, help="File name stem of the GGUF outputs (default: MODEL's folder name).")
+@command
+def preflight_cmd(model, out, methods, outtypes, calib, eval_source, bits, group_size, device, name):
+    """Check, before any work, what a pipeline making OUT from MODEL will need: the model, the calibration and
+    evaluation sources, llama.cpp for K-quants, a CUDA device if asked, free disk for the outputs not made yet."""
+    from quantize.preflight import preflight
+    result = preflight(model, out, methods, [t.lower() for t in outtypes], calib=calib, eval_source=eval_source,
+                       bits=bits, group_size=group_size, device=device, name=name)
+    return result, lambda r: table([("ready", f"{r['model']} -> {r['out']}"),
+                                    ("disk", f"{human_bytes(r['bytes_needed'])} needed, "
+                                             f"{human_bytes(r['bytes_free'])} free")])
+
+
 @main.command("fetch")
 @click.argument("name", type=click.Choice(["smollm2", "smollm2-gguf", "kjv", "shakespeare"]))
 @command
@@ -510,7 +574,21 @@ def fetch_cmd(name):
     return {"path": str(path)}, lambda r: r["path"]
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread like KeyboardInterrupt so staging is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def run():  # console script entry
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     main(prog_name="mixq")
 
 

@@ -15,7 +15,9 @@ from convert.hf import file_refs, spec_from_config, weight_files
 from convert.tokenizer import Vocab
 
 from . import model as arch
-from .formats import DEQUANTIZERS, SUFFIXES
+from .formats import DEQUANTIZERS, SUFFIXES, packed_shapes
+from .quantizer import Scheme
+from .runner import FORMAT_BITS
 
 
 def quantization_method(path: Path) -> str | None:
@@ -24,7 +26,8 @@ def quantization_method(path: Path) -> str | None:
         config = json.loads((path / "config.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
         return None
-    method = (config.get("quantization_config") or {}).get("quant_method")
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
     return method if method in DEQUANTIZERS else None
 
 
@@ -37,7 +40,13 @@ def read_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
         raise MixqError(f"{path / 'config.json'}: quant_method {fmt!r} is not one mixq reads (awq, gptq)")
     if fmt == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
         raise MixqError(f"{path}: AWQ version {qc.get('version')!r}; only GEMM is read")
-    bits = int(qc.get("bits", qc.get("w_bit", 4)))
+    bits = qc.get("bits", qc.get("w_bit", 4))
+    group_size = qc.get("group_size", qc.get("q_group_size", 128))
+    if bits not in FORMAT_BITS[fmt] or isinstance(bits, bool):
+        raise MixqError(f"{path / 'config.json'}: bits {bits!r}; the {fmt.upper()} format holds "
+                        f"{' or '.join(map(str, FORMAT_BITS[fmt]))}-bit weights")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size == 0 or group_size < -1:
+        raise MixqError(f"{path / 'config.json'}: group_size {group_size!r} is not a positive integer or -1")
     spec = spec_from_config({k: v for k, v in config.items() if k != "quantization_config"}, path / "config.json")
     raw: dict[str, TensorRef] = {}
     for file in weight_files(path):
@@ -57,6 +66,7 @@ def read_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
         for module in arch.linears(spec):
             stored = prefix + arch.output_name(module, naming)
             parts = {s: _need(raw, f"{stored}.{s}", path) for s in SUFFIXES[fmt]}
+            _check_packed(parts, fmt, bits, group_size, arch.shape(spec, module), path)
             tensors[f"{prefix}{module}.weight"] = _dequantized(parts, fmt, bits, arch.shape(spec, module), dtype)
     order = ["model.embed_tokens.weight"] + [n for n in tensors if n.startswith("model.layers.")] + \
         [n for n in ("model.norm.weight", "lm_head.weight") if n in tensors]
@@ -71,6 +81,22 @@ def _need(raw: dict[str, TensorRef], name: str, path: Path) -> TensorRef:
     if name not in raw:
         raise MixqError(f"{path}: missing tensor {name}")
     return raw[name]
+
+
+def _check_packed(parts: dict[str, TensorRef], fmt: str, bits: int, group_size: int, shape: tuple[int, int],
+                  path: Path) -> None:
+    """Packed tensors as the config's bits and group size imply, refused on open rather than mid-evaluation."""
+    out_features, in_features = shape
+    group = in_features if group_size == -1 else group_size
+    if in_features % group:
+        raise MixqError(f"{path / 'config.json'}: group_size {group_size} does not divide in_features "
+                        f"{in_features} of {parts['qweight'].source}")
+    for suffix, (expected, dtype) in packed_shapes(fmt, out_features, in_features, Scheme(bits, group)).items():
+        ref = parts[suffix]
+        if ref.shape != expected or (dtype == torch.int32 and ref.dtype != torch.int32):
+            raise MixqError(f"{ref.source}: {list(ref.shape)} {str(ref.dtype).replace('torch.', '')} contradicts "
+                            f"config.json ({bits}-bit, group {group_size}), which implies {list(expected)} "
+                            f"{str(dtype).replace('torch.', '')}")
 
 
 def _float(ref: TensorRef, canonical: str, dtype: torch.dtype) -> TensorRef:

@@ -19,7 +19,7 @@ from convert.checkpoint import Checkpoint
 from convert.errors import MixqError
 from convert.hf import config_from_spec, generation_config, shard_plan, shard_names, write_json, \
     write_tokenizer_files, INDEX
-from convert.output import refuse_existing, refuse_overlap, replace_path
+from convert.output import claim, refuse_existing, refuse_overlap, replace_path
 from convert.progress import bar, note
 from convert.safetensors_io import SafetensorsFile, SafetensorsWriter, tensor_nbytes
 from convert.spec import ModelSpec
@@ -104,9 +104,12 @@ def pick_dtype(name: str, device: torch.device, ckpt: Checkpoint) -> torch.dtype
     return main if main in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
+FORMAT_BITS = {"awq": (4,), "gptq": (2, 4, 8)}  # what each format's kernels unpack
+
+
 def validate(spec: ModelSpec, settings: Settings) -> None:
     scheme = settings.scheme
-    bits_ok = {"awq": (4,), "gptq": (2, 4, 8)}[settings.fmt]
+    bits_ok = FORMAT_BITS[settings.fmt]
     if scheme.bits not in bits_ok:
         raise MixqError(f"--bits {scheme.bits}: the {settings.fmt.upper()} format holds "
                         f"{' or '.join(map(str, bits_ok))}-bit weights")
@@ -174,11 +177,27 @@ class Work:
     def layer_file(self, layer: int) -> Path:
         return self.path / f"layer-{layer:05d}.safetensors"
 
-    def state(self) -> dict | None:
-        try:
-            return json.loads((self.path / STATE).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+    def state(self, num_layers: int) -> dict | None:
+        """The saved progress, or None when there is none; a damaged one is refused, never half-trusted."""
+        if not (self.path / STATE).exists():
             return None
+        try:
+            state = json.loads((self.path / STATE).read_text())
+            done = state["next_layer"]
+            ok = isinstance(state["layers"], list) and isinstance(done, int) and 0 <= done <= num_layers \
+                and len(state["layers"]) == done and "key" in state
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+            ok = False
+        if not ok:
+            raise self.damaged(STATE)
+        for layer in range(done):
+            if not self.layer_file(layer).is_file():
+                raise self.damaged(self.layer_file(layer).name)
+        return state
+
+    def damaged(self, what: str) -> MixqError:
+        return MixqError(f"{self.path}: work folder of an interrupted run is damaged ({what}); run without "
+                         f"--resume to start over")
 
     def save(self, state: dict, hidden: torch.Tensor | None) -> None:
         if hidden is not None:
@@ -190,7 +209,13 @@ class Work:
         os.replace(tmp, self.path / STATE)
 
     def hidden(self, device) -> torch.Tensor:
-        return torch.load(self.path / "hidden.pt", map_location=device, weights_only=True)
+        try:
+            hidden = torch.load(self.path / "hidden.pt", map_location=device, weights_only=True)
+        except Exception:  # any unpickling failure of our own file: damaged, not a bug
+            raise self.damaged("hidden.pt") from None
+        if not isinstance(hidden, torch.Tensor):
+            raise self.damaged("hidden.pt")
+        return hidden
 
 
 def check_inputs(model: str | Path, out: str | Path, settings: Settings, force: bool = False) -> Checkpoint:
@@ -212,16 +237,27 @@ def quantize_model(model: str | Path, out: str | Path, settings: Settings, block
     started = time.perf_counter()
     model, out = Path(model), Path(out)
     ckpt = check_inputs(model, out, settings, force)
-    spec = ckpt.spec
     if settings.method != "rtn" and blocks is None:
         raise MixqError(f"{settings.method.upper()} needs calibration data (--calib)")
+    if blocks is not None and blocks.tokens.numel() and not 0 <= blocks.tokens.min() <= blocks.tokens.max() \
+            < ckpt.spec.vocab_size:  # an id of -1 would silently read the last embedding row
+        raise MixqError(f"{blocks.provenance.get('prepared_file') or blocks.provenance.get('source')}: token ids "
+                        f"{int(blocks.tokens.min())}..{int(blocks.tokens.max())} fall outside the model's "
+                        f"vocabulary of {ckpt.spec.vocab_size}")
+    with claim(out):  # one writer per output, its work folder included
+        return _quantize(ckpt, model, out, settings, blocks, force, resume, started)
+
+
+def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, blocks, force: bool, resume: bool,
+              started: float) -> dict:
+    spec = ckpt.spec
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device, ckpt)
     work = Work(out)
     calibration = dict(blocks.provenance) if blocks is not None else None
     key = {"settings": settings.fingerprint(), "model": str(model.resolve()),
            "calibration": hashlib.sha256(blocks.tokens.numpy().tobytes()).hexdigest() if blocks is not None else None}
-    state = work.state() if resume else None
+    state = work.state(spec.num_layers) if resume else None
     if state is not None and state.get("key") != key:
         raise MixqError(f"{work.path}: was started with other settings, model or calibration; run without --resume "
                         f"to start over")
