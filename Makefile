@@ -44,8 +44,15 @@ QUANT_ARGS = --bits $(BITS) --group-size $(GROUP) --calib $(CALIB) --samples $(S
 CHECK_ARGS = --eval $(EVAL) --seqlen $(EVAL_SEQLEN) --max-new-tokens $(MAX_NEW) \
 	$(if $(EVAL_TOKENS),--max-tokens $(EVAL_TOKENS)) $(CHECK_FLAGS)
 GGUF_FILES = $(foreach t,$(OUTTYPES),$(OUT)/gguf/$(NAME)-$(t).gguf)
+K_QUANTS = $(filter q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k,$(OUTTYPES))
+# what the goals on the command line will make: preflight checks their needs before the first step
+GOAL_METHODS = $(if $(filter release,$(MAKECMDGOALS)),awq gptq,$(filter awq gptq,$(MAKECMDGOALS)))
+GOAL_OUTTYPES = $(if $(filter release gguf,$(MAKECMDGOALS)),$(OUTTYPES))
+# K-quants are made by llama.cpp's quantizer: a pipeline that writes one installs the extra first
+PIPELINE_ENV = $(INSTALL) $(if $(and $(INSTALL),$(K_QUANTS)),$(VENV)/.llama-cpp) $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
 
-.PHONY: setup setup-llama-cpp lock test test-fast bench clean-venv awq gptq gguf check release demo model
+.PHONY: setup setup-llama-cpp lock test test-fast bench clean-venv awq gptq gguf check release demo model \
+	preflight
 
 # ---- environment -------------------------------------------------------------------------------------------------
 # Every package is installed under the constraints of LOCK: the versions CI tested, so a fresh clone next month
@@ -119,20 +126,25 @@ gguf: $(OUT)/gguf/README.md
 # every artifact is named explicitly (static patterns), so none is an intermediate file make would delete or skip
 REPOS = $(OUT)/awq $(OUT)/gptq
 
-$(REPOS:=/config.json): $(OUT)/%/config.json: | $(INSTALL)
+preflight: | $(PIPELINE_ENV)
+	$(MIXQ) preflight $(MODEL) $(OUT) $(foreach m,$(GOAL_METHODS),--method $(m)) \
+		$(foreach t,$(GOAL_OUTTYPES),--outtype $(t)) --calib $(CALIB) --eval $(EVAL) --bits $(BITS) \
+		--group-size $(GROUP) --name $(NAME)
+
+$(REPOS:=/config.json): $(OUT)/%/config.json: | preflight
 	$(MIXQ) quantize $* $(MODEL) $(OUT)/$* $(QUANT_ARGS)
 
 $(REPOS:=/check.json): $(OUT)/%/check.json: $(OUT)/%/config.json
-	$(MIXQ) check $(OUT)/$* --reference $(MODEL) $(CHECK_ARGS) -o $@
+	$(MIXQ) check $(OUT)/$* --reference $(MODEL) $(CHECK_ARGS) -o $@ --force
 
 $(REPOS:=/README.md): $(OUT)/%/README.md: $(OUT)/%/check.json
 	$(MIXQ) card $(OUT)/$* --base-model $(NAME) --license $(LICENSE)
 
-$(GGUF_FILES): $(OUT)/gguf/$(NAME)-%.gguf: | $(INSTALL)
+$(GGUF_FILES): $(OUT)/gguf/$(NAME)-%.gguf: | preflight
 	$(MIXQ) convert $(MODEL) $@ --to gguf --outtype $*
 
 $(GGUF_FILES:.gguf=.check.json): %.check.json: %.gguf
-	$(MIXQ) check $< --reference $(MODEL) $(CHECK_ARGS) -o $@
+	$(MIXQ) check $< --reference $(MODEL) $(CHECK_ARGS) -o $@ --force
 
 $(OUT)/gguf/README.md: $(GGUF_FILES:.gguf=.check.json)
 	$(MIXQ) card $(OUT)/gguf --base-model $(NAME) --license $(LICENSE)

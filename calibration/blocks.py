@@ -53,7 +53,12 @@ def encode_document(tokenizer, document: Document) -> list[int]:
         return tokenizer(document).input_ids
     if not tokenizer.chat_template:
         raise MixqError("conversations need a chat template, and this tokenizer has none")
-    text = tokenizer.apply_chat_template(document, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(document, tokenize=False)
+    except Exception as exc:  # jinja2's TemplateError, or raise_exception() inside the template
+        raise MixqError(f"the chat template of {tokenizer.name_or_path or 'the tokenizer'} rejects a "
+                        f"conversation of the calibration text ({type(exc).__name__}: {exc}): "
+                        f"{json.dumps(document)[:120]}") from None
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
@@ -154,7 +159,10 @@ def prepare(model: str | Path, source: str, samples: int = 128, seqlen: int = 51
         blocks = Blocks.load(path)
         if blocks.tokens.shape[0] < samples and not allow_fewer:
             raise MixqError(f"{path}: holds {blocks.tokens.shape[0]} blocks, fewer than the {samples} requested")
-        return Blocks(blocks.tokens[:samples], dict(blocks.provenance, prepared_file=str(path)))
+        tokens = blocks.tokens[:samples]
+        return Blocks(tokens, dict(blocks.provenance, prepared_file=str(path), samples=tokens.shape[0],
+                                   requested_samples=samples, tokens=tokens.numel(),
+                                   shortfall=max(samples - tokens.shape[0], 0)))
     tokenizer = tokenizer or load_tokenizer(model)
     texts = load_texts(source, split=split, text_field=text_field)
     return sample_blocks(texts, tokenizer, samples, seqlen, seed, mode, allow_fewer)
@@ -162,12 +170,14 @@ def prepare(model: str | Path, source: str, samples: int = 128, seqlen: int = 51
 
 def evaluation_ids(tokenizer, source: str, split: str | None = None, text_field: str | None = None) -> tuple[
         list[int], dict]:
-    """The evaluation text tokenized once: documents joined by blank lines, with the tokenizer's own BOS."""
+    """The evaluation text tokenized once, with the tokenizer's own BOS."""
     texts = load_texts(source, split=split, text_field=text_field, evaluation=True)
     plain = [d for d in texts.documents if isinstance(d, str)]
     if not plain:
         raise MixqError(f"{source}: no plain text to evaluate on (conversations are for calibration)")
-    text = "\n\n".join(plain)
+    # a text file is scored as it is (llama.cpp's perplexity tool and the papers' scripts do); records of a
+    # dataset are joined by blank lines, as wikitext's evaluation does
+    text = texts.text if texts.text is not None else "\n\n".join(plain)
     provenance = dict(texts.provenance, text_sha256=hashlib.sha256(text.encode()).hexdigest(),
                       characters=len(text), tokenizer=tokenizer_fingerprint(tokenizer))
     return tokenizer(text).input_ids, provenance

@@ -57,6 +57,7 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 class Texts:
     documents: list[Document]
     provenance: dict = field(default_factory=dict)
+    text: str | None = None       # a single text file as it is: what evaluation scores, byte for byte
 
 
 def describe_sources() -> str:
@@ -104,27 +105,40 @@ def _local_folder(path: Path, text_field: str | None) -> Texts:
 
 
 def _local_file(path: Path, text_field: str | None) -> Texts:
-    data = path.read_bytes()
-    provenance = {"source": str(path), "kind": path.suffix.lstrip("."), "sha256": hashlib.sha256(data).hexdigest()}
     if path.suffix not in LOCAL_SUFFIXES:
         raise MixqError(f"{path}: unsupported file type (use {', '.join(LOCAL_SUFFIXES)})")
+    if not path.is_file():  # a device or a pipe (/dev/zero) would be read without end
+        raise MixqError(f"{path}: not a regular file")
+    data = path.read_bytes()
+    provenance = {"source": str(path), "kind": path.suffix.lstrip("."), "sha256": hashlib.sha256(data).hexdigest()}
     if path.suffix == ".txt":  # paragraphs (separated by blank lines) are the documents
-        text = data.decode("utf-8", errors="replace")
+        text = _utf8(data, path)
         documents = [p.strip("\n") for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
         if not documents:
             raise MixqError(f"{path}: empty text file")
-        return Texts(documents, provenance)
+        return Texts(documents, provenance, text=text)
     if path.suffix == ".parquet":
         rows = _parquet_rows(path)
     else:
         rows = _json_rows(path, data)
     if not rows:
         raise MixqError(f"{path}: no records")
-    return Texts(_documents(rows, text_field or _default_field(rows[0]), str(path)), provenance)
+    return Texts(_documents(rows, text_field or _default_field(rows[0], path), str(path)), provenance)
+
+
+def _utf8(data: bytes, path: Path) -> str:
+    """The file's text; binary data or invalid UTF-8 is refused, not silently replaced."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MixqError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if "\0" in text:
+        raise MixqError(f"{path}: binary data (a NUL byte at character {text.index(chr(0))}), not text")
+    return text
 
 
 def _json_rows(path: Path, data: bytes) -> list[dict]:
-    text = data.decode("utf-8", errors="replace")
+    text = _utf8(data, path)
     try:
         if path.suffix == ".jsonl":
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -132,7 +146,7 @@ def _json_rows(path: Path, data: bytes) -> list[dict]:
             rows = json.loads(text)
             if isinstance(rows, dict):
                 rows = next((v for v in rows.values() if isinstance(v, list)), None)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise MixqError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise MixqError(f"{path}: expected records (objects), one per line or a list")
@@ -147,11 +161,11 @@ def _parquet_rows(path: Path) -> list[dict]:
         raise MixqError(f"{path}: unreadable parquet ({exc})") from None
 
 
-def _default_field(row: dict) -> str:
+def _default_field(row: dict, where: Path | str) -> str:
     for name in ("text", "messages", "conversations", "content"):
         if name in row:
             return name
-    raise MixqError(f"no 'text' or 'messages' field among {sorted(row)}; choose one with --field")
+    raise MixqError(f"{where}: no 'text' or 'messages' field among {sorted(row)}; choose one with --field")
 
 
 def _documents(rows: list[dict], text_field: str, where: str) -> list[Document]:
@@ -218,7 +232,7 @@ def _hub(name: str, split: str | None, text_field: str | None, evaluation: bool)
     if len(rows) == 0:
         raise MixqError(f"{name!r} split {split!r} is empty")
     first = rows[0]
-    text_field = text_field or _default_field(first)
+    text_field = text_field or _default_field(first, name)
     documents = _documents(list(rows), text_field, f"{name} ({split})")
     fingerprint = getattr(rows, "_fingerprint", None) or hashlib.sha256(
         json.dumps(documents[:100], sort_keys=True).encode()).hexdigest()

@@ -12,7 +12,7 @@ from convert.errors import MixqError
 from convert.jsonfile import read_json
 from convert.progress import human_bytes
 
-from .check import CHECK_FILE
+from .check import CHECK_FILE, read_check
 from .publish import artifact_bytes
 
 CARD = "README.md"
@@ -74,7 +74,7 @@ def quantized_card(repo: Path, base_model: str | None = None, license_id: str = 
     if fmt not in ("awq", "gptq"):
         raise MixqError(f"{repo}: not an AWQ or GPTQ repository (config.json has no awq/gptq quantization_config)")
     report = read_json(repo / "report.json", missing_ok=True) or {}
-    check = read_json(repo / CHECK_FILE, missing_ok=True) or report.get("check")
+    check = read_check(repo / CHECK_FILE) or report.get("check")
     settings = report.get("settings", {})
     calib = report.get("calibration") or {}
     base = base_model or report.get("model") or "unknown"
@@ -169,7 +169,7 @@ def gguf_card(folder: Path, base_model: str | None = None, license_id: str = "ap
              "| file | type | size | bits per weight | perplexity | vs reference |", "|---|---|---|---|---|---|"]
     checks = {}
     for f in files:
-        check = read_json(f.with_suffix(".check.json"), missing_ok=True)
+        check = read_check(f.with_suffix(".check.json"))
         checks[f.name] = check
         size = f.stat().st_size
         params = infos[f]["parameters"]

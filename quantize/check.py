@@ -19,6 +19,29 @@ from .repository import quantization_method, read_quantized
 from .runner import pick_device
 
 CHECK_FILE = "check.json"
+_NUMBER, _COUNT = (int, float), int
+# the fields of a check report that cards and `mixq report` read, with their JSON types (None: may be null)
+CHECK_FIELDS = {"perplexity": (_NUMBER, False), "reference_perplexity": (_NUMBER, True), "delta": (_NUMBER, True),
+                "delta_percent": (_NUMBER, True), "kl": (_NUMBER, True), "tokens": (_COUNT, False),
+                "windows": (_COUNT, True), "seqlen": (_COUNT, True), "method": (str, True),
+                "generations": (list, True), "sampling": (dict, True)}
+
+
+def read_check(path: Path, missing_ok: bool = True) -> dict | None:
+    """A check report written by `mixq check -o`, its fields typed as they are read, so a hand-edited one is
+    refused in one line naming the file and the field."""
+    from convert.jsonfile import read_json
+    check = read_json(path, missing_ok=missing_ok)
+    if check is None:
+        return None
+    for key, (kind, nullable) in CHECK_FIELDS.items():
+        value = check.get(key)
+        if key not in check and key != "perplexity" or value is None and nullable:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise MixqError(f"{path}: {key} must be {kind.__name__ if isinstance(kind, type) else 'a number'}"
+                            f", got {value!r}")
+    return check
 
 
 def open_any(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from convert.errors import MixqError
-from convert.jsonfile import read_json
 
-from .check import CHECK_FILE
+from .check import CHECK_FILE, read_check
 
 
 def artifact_bytes(path: Path) -> int:
@@ -27,7 +26,7 @@ def release_summary(folder: str | Path) -> list[dict]:
         raise MixqError(f"{folder}: no checked artifacts ({CHECK_FILE} or *.check.json)")
     rows = []
     for artifact, check_file in found:
-        check = read_json(check_file, missing_ok=True)
+        check = read_check(check_file)
         rows.append({"artifact": str(artifact.relative_to(folder)),
                      "bytes": artifact_bytes(artifact) if artifact.exists() else 0,
                      **{k: check.get(k) for k in ("perplexity", "reference_perplexity", "delta_percent", "kl",
