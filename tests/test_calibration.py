@@ -1,5 +1,6 @@
 """Calibration text: sources, chat rendering against mistral-common, deterministic sampling, bad input."""
 
+import hashlib
 import json
 
 import pyarrow as pa
@@ -187,3 +188,15 @@ def test_fewer_tokens_than_requested(tokenizer, text_file):
 def test_unknown_source():
     with pytest.raises(MixqError, match="no such file, folder, built-in text"):
         load_texts("definitely-not-here.jsonl")
+
+
+def test_a_text_file_is_evaluated_as_it_is(tmp_path, tokenizer):
+    """The tokens scored are the file's text, byte for byte (blank-line runs, CRLF, trailing spaces kept), as
+    llama.cpp's perplexity tool reads it; the provenance hash is the file's."""
+    from calibration.blocks import evaluation_ids
+    text = "First paragraph.\n\n\n  Indented second,\r\nwith CRLF.\n\nThird  \n"
+    path = tmp_path / "eval.txt"
+    path.write_bytes(text.encode())
+    ids, provenance = evaluation_ids(tokenizer, str(path))
+    assert ids == tokenizer(text).input_ids
+    assert provenance["text_sha256"] == provenance["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -13,6 +13,7 @@ import torch
 
 from calibration import Blocks, prepare
 from convert import convert_checkpoint, open_checkpoint
+from convert.errors import MixqError
 from quantize import Scheme, Settings, quantize_model
 from quantize.formats import pack_gptq
 from quantize.forward import Rotary, decoder_layer, rms_norm
@@ -285,8 +286,14 @@ def test_non_hf_source(cli, tmp_path, mixtral):
 
 
 def test_bits_the_format_cannot_hold(cli, tmp_path, mixtral):
-    _fails(cli, tmp_path, "gptq", mixtral, "--bits", "3", match="--bits 3: the GPTQ format holds")
-    _fails(cli, tmp_path, "rtn", mixtral, "--format", "awq", "--bits", "8", match="AWQ format holds 4-bit")
+    """A usage error on the command line (exit 2, before any work); a MixqError from the Python API."""
+    for args, match in ((["gptq", mixtral, tmp_path / "out", "--bits", "3"], "3: the GPTQ format holds 2 or 4 or 8"),
+                        (["rtn", mixtral, tmp_path / "out", "--format", "awq", "--bits", "8"], "AWQ format holds 4")):
+        result = cli("quantize", *args)
+        assert result.exit_code == 2 and match in result.stderr, result.stderr
+    with pytest.raises(MixqError, match="--bits 3: the GPTQ format holds"):
+        quantize_model(mixtral, tmp_path / "out", Settings(method="rtn", scheme=Scheme(3, 128), fmt="gptq"))
+    assert not list(tmp_path.glob("*out*"))
 
 
 def test_group_size_that_does_not_divide(cli, tmp_path):

@@ -2,6 +2,7 @@
 YAML front matter, re-runs that do nothing, a failed step that leaves the tree as it was."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,10 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make(out: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = ["make", "-C", str(ROOT), "--no-print-directory", "release", f"MODEL={model}", f"OUT={out}",
+    return subprocess.run(make_args(out, model, *extra), capture_output=True, text=True, timeout=1200)
+
+
+def make_args(out: Path, model: Path, *extra: str) -> list[str]:
+    return ["make", "-C", str(ROOT), "--no-print-directory", "release", f"MODEL={model}", f"OUT={out}",
             f"MIXQ={sys.executable} -m mixq", "INSTALL=", "GROUP=128", "SAMPLES=4", "SEQLEN=32", "EVAL_SEQLEN=64",
             "EVAL_TOKENS=256", "MAX_NEW=4", "OUTTYPES=f16 q8_0", "NAME=tiny-mixtral", *extra]
-    return subprocess.run(args, capture_output=True, text=True, timeout=1200)
 
 
 def tree(path: Path) -> dict:
@@ -98,3 +102,21 @@ def test_failed_step_leaves_the_tree_as_it_was(release):
     assert new <= {"gguf/tiny-mixtral-q4_0.gguf"}  # the finished conversion stays; its failed check leaves nothing
     assert {k: v for k, v in after.items() if k in before} == before
     assert not [f for f in after if "partial" in f]
+
+
+@pytest.mark.parametrize("case", ["evaluation text missing", "k-quant without llama.cpp", "bits awq cannot hold"])
+def test_a_pipeline_fails_before_its_first_step(release, tmp_path, case):
+    """What a release needs is checked before the first quantization, not after hours of it."""
+    _, model, _ = release
+    extra, says, env = {
+        "evaluation text missing": (["EVAL=/nonexistent/eval.txt"], "/nonexistent/eval.txt: no such file", {}),
+        "k-quant without llama.cpp": (["OUTTYPES=f16 q4_k_m"], "GGUF q4_k_m need llama.cpp's quantizer",
+                                      {"PYTHONPATH": str(tmp_path / "hide")}),
+        "bits awq cannot hold": (["BITS=8"], "--bits 8: the AWQ format holds 4-bit weights", {}),
+    }[case]
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "llama_cpp.py").write_text("raise ImportError('hidden by the test')\n")
+    result = subprocess.run(make_args(tmp_path / "out", model, *extra), capture_output=True, text=True,
+                            timeout=600, env=os.environ | env)
+    assert result.returncode != 0 and f"mixq: error: {says}" in result.stderr, result.stderr[-2000:]
+    assert "mixq quantize" not in result.stdout and not (tmp_path / "out").exists()
