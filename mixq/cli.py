@@ -24,6 +24,18 @@ from convert.progress import human_bytes
 EXIT_INPUT, EXIT_THRESHOLD, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 3, 70, 130
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread like KeyboardInterrupt so staging is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def command(fn):
     """Run a command body: errors become one line and an exit code; the result is printed as table or JSON."""
     @functools.wraps(fn)
@@ -385,11 +397,10 @@ def engine_options(fn):
 def _run_quantize(method, model, out, fmt, sym, settings_extra, kwargs, calib=True):
     from calibration import prepare
     from quantize import Scheme, Settings, quantize_model
-    from quantize.runner import FORMAT_BITS, check_inputs
+    from quantize.runner import bits_problem, check_inputs
     bits = kwargs.pop("bits")
-    if bits not in FORMAT_BITS[fmt]:
-        raise click.BadParameter(f"{bits}: the {fmt.upper()} format holds "
-                                 f"{' or '.join(map(str, FORMAT_BITS[fmt]))}-bit weights", param_hint="'--bits'")
+    if bits_problem(fmt, bits):
+        raise click.BadParameter(bits_problem(fmt, bits), param_hint="'--bits'")
     calib_opts = calibration_kwargs(kwargs) if calib else None
     scheme = Scheme(bits=bits, group_size=kwargs.pop("group_size"), sym=sym, rule=fmt)
     settings = Settings(method=method, scheme=scheme, fmt=fmt, expert_naming=kwargs.pop("expert_naming"),
@@ -572,18 +583,6 @@ def fetch_cmd(name):
     path = {"smollm2": fixtures.smollm2_hf, "smollm2-gguf": fixtures.smollm2_gguf, "kjv": fixtures.kjv_text,
             "shakespeare": fixtures.shakespeare_text}[name]()
     return {"path": str(path)}, lambda r: r["path"]
-
-
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP, raised in the main thread like KeyboardInterrupt so staging is removed on the way out."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _terminate(signum, frame):
-    raise Terminated(signum)
 
 
 def run():  # console script entry

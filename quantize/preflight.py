@@ -15,7 +15,7 @@ from convert.errors import MixqError
 from convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
 
 from .model import linears, shape
-from .runner import FORMAT_BITS
+from .runner import FORMAT_BITS, bits_problem
 
 # bits per weight of each GGUF type, as llama.cpp's quantize tool lists them (K-quant mixes: their average)
 GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0,
@@ -38,9 +38,8 @@ def preflight(model: str | Path, out: str | Path, methods=(), outtypes=(), calib
     for method in methods:
         if method not in FORMAT_BITS:
             raise MixqError(f"unknown quantization method {method!r} (choose from {', '.join(FORMAT_BITS)})")
-        if bits not in FORMAT_BITS[method]:
-            raise MixqError(f"--bits {bits}: the {method.upper()} format holds "
-                            f"{' or '.join(map(str, FORMAT_BITS[method]))}-bit weights")
+        if bits_problem(method, bits):
+            raise MixqError(f"--bits {bits_problem(method, bits)}")
         if ckpt.layout != "hf":
             raise MixqError(f"{model}: quantization reads Hugging Face checkpoints, this is {ckpt.layout}")
     unknown = [t for t in outtypes if t not in GGUF_BITS]

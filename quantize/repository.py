@@ -17,7 +17,7 @@ from convert.tokenizer import Vocab
 from . import model as arch
 from .formats import DEQUANTIZERS, SUFFIXES, packed_shapes
 from .quantizer import Scheme
-from .runner import FORMAT_BITS
+from .runner import bits_problem
 
 
 def quantization_method(path: Path) -> str | None:
@@ -42,9 +42,8 @@ def read_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
         raise MixqError(f"{path}: AWQ version {qc.get('version')!r}; only GEMM is read")
     bits = qc.get("bits", qc.get("w_bit", 4))
     group_size = qc.get("group_size", qc.get("q_group_size", 128))
-    if bits not in FORMAT_BITS[fmt] or isinstance(bits, bool):
-        raise MixqError(f"{path / 'config.json'}: bits {bits!r}; the {fmt.upper()} format holds "
-                        f"{' or '.join(map(str, FORMAT_BITS[fmt]))}-bit weights")
+    if bits_problem(fmt, bits):
+        raise MixqError(f"{path / 'config.json'}: bits {bits_problem(fmt, bits)}")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size == 0 or group_size < -1:
         raise MixqError(f"{path / 'config.json'}: group_size {group_size!r} is not a positive integer or -1")
     spec = spec_from_config({k: v for k, v in config.items() if k != "quantization_config"}, path / "config.json")

@@ -107,12 +107,17 @@ def pick_dtype(name: str, device: torch.device, ckpt: Checkpoint) -> torch.dtype
 FORMAT_BITS = {"awq": (4,), "gptq": (2, 4, 8)}  # what each format's kernels unpack
 
 
+def bits_problem(fmt: str, bits) -> str | None:
+    """Why `bits` cannot be stored in format `fmt`, or None when it can."""
+    if bits in FORMAT_BITS[fmt] and not isinstance(bits, bool):
+        return None
+    return f"{bits!r}: the {fmt.upper()} format holds {' or '.join(map(str, FORMAT_BITS[fmt]))}-bit weights"
+
+
 def validate(spec: ModelSpec, settings: Settings) -> None:
     scheme = settings.scheme
-    bits_ok = FORMAT_BITS[settings.fmt]
-    if scheme.bits not in bits_ok:
-        raise MixqError(f"--bits {scheme.bits}: the {settings.fmt.upper()} format holds "
-                        f"{' or '.join(map(str, bits_ok))}-bit weights")
+    if bits_problem(settings.fmt, scheme.bits):
+        raise MixqError(f"--bits {bits_problem(settings.fmt, scheme.bits)}")
     if scheme.group_size <= 0:
         raise MixqError(f"--group-size {scheme.group_size}: must be positive")
     if settings.expert_naming not in arch.EXPERT_NAMINGS:

@@ -589,6 +589,9 @@ def test_malformed_containers_allocate_no_more_than_their_size(tmp_path):
 
 def test_preflight_refuses_what_the_pipeline_would_fail_on(cli, tmp_path, small_disk, monkeypatch):
     import builtins
+    from convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
+    from quantize.preflight import GGUF_BITS
+    assert set(GGUF_BITS) == set(GGUF_PY_TYPES) | set(LLAMA_CPP_TYPES)  # every type the converter writes
     model = tiny_hf(tmp_path / "m")
     ok = json.loads(cli("preflight", model, tmp_path / "rel", "--method", "awq", "--outtype", "q8_0",
                         "--calib", "kjv", "--eval", "shakespeare", "--json").stdout)
@@ -649,7 +652,7 @@ def test_tokenizer_files_of_the_wrong_shape(cli, tmp_path, name, content, says):
 
 @pytest.mark.parametrize("change, says", [({"bits": 8}, "contradicts config.json (8-bit, group 128)"),
                                           ({"group_size": 64}, "contradicts config.json (4-bit, group 64)"),
-                                          ({"bits": 3}, "bits 3; the GPTQ format holds"),
+                                          ({"bits": 3}, "bits 3: the GPTQ format holds"),
                                           ({"group_size": "128"}, "group_size '128' is not")])
 def test_a_quantized_repository_whose_config_contradicts_its_tensors(cli, tmp_path, change, says):
     model = tiny_hf(tmp_path / "m")
@@ -658,3 +661,13 @@ def test_a_quantized_repository_whose_config_contradicts_its_tensors(cli, tmp_pa
     config["quantization_config"].update(change)
     (tmp_path / "q" / "config.json").write_text(json.dumps(config))
     one_line_error(cli("check", tmp_path / "q", "--max-new-tokens", 0, "--max-tokens", 64), 1, says)
+
+
+def test_staging_left_by_a_killed_writer_is_swept(cli, tmp_path):
+    """SIGKILL cannot be handled: the next writer of the same output removes what the killed one left."""
+    src = tiny_torrent(tmp_path / "src", layers=1)
+    (tmp_path / ".out.k1ll3d.partial").mkdir()
+    (tmp_path / ".out.k1ll3d.partial" / "model.safetensors").write_bytes(b"\0" * 4096)
+    (tmp_path / ".other.k1ll3d.partial").mkdir()  # another output's: not this writer's to remove
+    assert cli("convert", src, tmp_path / "out", "--to", "hf").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.k1ll3d.partial", "out", "src"]
