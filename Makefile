@@ -51,7 +51,7 @@ GOAL_OUTTYPES = $(if $(filter release gguf,$(MAKECMDGOALS)),$(OUTTYPES))
 # K-quants are made by llama.cpp's quantizer: a pipeline that writes one installs the extra first
 PIPELINE_ENV = $(INSTALL) $(if $(and $(INSTALL),$(K_QUANTS)),$(VENV)/.llama-cpp) $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
 
-.PHONY: setup setup-llama-cpp lock test test-fast bench clean-venv awq gptq gguf check release demo model \
+.PHONY: setup setup-llama-cpp lock test test-fast lint bench clean-venv awq gptq gguf check release demo model \
 	preflight
 
 # ---- environment -------------------------------------------------------------------------------------------------
@@ -97,11 +97,15 @@ $(VENV)/.llama-cpp: $(VENV)/.installed
 	touch $@
 
 # the whole suite, slow real-model tests included (what CI runs)
-test: $(VENV)/.installed $(VENV)/.llama-cpp
+test: $(VENV)/.installed $(VENV)/.llama-cpp lint
 	$(PY) -m pytest -q -ra --durations=15
 
+# ruff's configuration is in pyproject.toml
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
 # everything but the real-model tests
-test-fast: $(VENV)/.installed
+test-fast: $(VENV)/.installed lint
 	$(PY) -m pytest -q -ra -m "not slow"
 
 bench: $(VENV)/.installed

@@ -39,8 +39,8 @@ def transformers_tokens_per_second(path: Path, tokens, dtype, device) -> float:
 def mixq_tokens_per_second(path: Path, tokens, dtype, device) -> float:
     import torch
 
-    from quantize.check import open_any
-    from quantize.evaluate import Windows, perplexity
+    from mixq.quantize.check import open_any
+    from mixq.quantize.evaluate import Windows, perplexity
     result = perplexity(open_any(path, dtype), Windows(tokens, 0, "windows"), device, dtype, batch=4)
     if device != "cpu":
         torch.cuda.synchronize()
@@ -51,7 +51,7 @@ def main() -> None:
     import torch
 
     from bench.synthetic import FULL, SMALL, build, random_blocks
-    from convert import progress
+    from mixq.convert import progress
     progress.set_quiet(True)
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,7 +69,7 @@ def main() -> None:
     rows = [("dense", mixq_tokens_per_second(model, tokens, dtype, device),
              transformers_tokens_per_second(model, tokens, dtype, device))]
     if cuda:
-        from quantize import Scheme, Settings, quantize_model
+        from mixq.quantize import Scheme, Settings, quantize_model
         with tempfile.TemporaryDirectory() as tmp:
             awq = Path(tmp) / "awq"
             quantize_model(model, awq, Settings(method="rtn", scheme=Scheme(4, 128, rule="awq"), fmt="awq",

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 CHILD = r"""
 import json, resource, sys, time
-from convert import convert_checkpoint, open_checkpoint
-from convert import progress
+from mixq.convert import convert_checkpoint, open_checkpoint
+from mixq.convert import progress
 progress.set_quiet(True)
 src, out, to, extra = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 ckpt = open_checkpoint(src)  # imports and metadata, so the baseline includes them
@@ -40,7 +40,8 @@ before = rss()
 t = time.perf_counter()
 convert_checkpoint(src, out, to, **extra)
 seconds = time.perf_counter() - t
-print(json.dumps({"seconds": seconds, "before": before, "largest": largest, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": seconds, "before": before, "largest": largest, "peak": peak}))
 """
 
 CASES = {
@@ -56,7 +57,7 @@ CASES = {
 def build_source(work: Path, layers: int, hidden: int, ffn: int, experts: int) -> Path:
     import torch
 
-    from convert.safetensors_io import SafetensorsWriter
+    from mixq.convert.safetensors_io import SafetensorsWriter
     src = work / "src"
     params = {"dim": hidden, "n_layers": layers, "head_dim": 128, "hidden_dim": ffn, "n_heads": hidden // 128,
               "n_kv_heads": max(1, hidden // 512), "norm_eps": 1e-5, "vocab_size": 32000,

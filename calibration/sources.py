@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
-from convert.errors import MixqError
+from mixq.convert.errors import MixqError
 
 from . import fixtures
 

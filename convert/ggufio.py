@@ -19,8 +19,15 @@ from .checkpoint import Checkpoint, TensorRef, checked_tensors
 from .errors import MixqError
 from .gguf_header import check_header
 from .hf import parse_size
-from .names import (DENSE_MLP_TENSORS, EXPERT_TENSORS, GLOBAL_TENSORS, LAYER_TENSORS, ROUTER_TENSORS,
-                    expected_shapes, rotary_heads)
+from .names import (
+    DENSE_MLP_TENSORS,
+    EXPERT_TENSORS,
+    GLOBAL_TENSORS,
+    LAYER_TENSORS,
+    ROUTER_TENSORS,
+    expected_shapes,
+    rotary_heads,
+)
 from .output import claim, publish, refuse_existing, scratch_beside
 from .pages import drop_file_pages
 from .progress import bar, is_quiet, note
@@ -141,7 +148,8 @@ def spec_from_metadata(kv: dict, tensor_names: set[str], where: Path) -> ModelSp
             arch="mixtral" if experts else ("mistral" if "mistral" in name.lower() else "llama"),
             hidden_size=hidden, num_layers=integer(_required(kv, k("block_count"), where)), num_heads=heads,
             num_kv_heads=integer(kv.get(k("attention.head_count_kv"), heads)),
-            head_dim=integer(kv.get(k("attention.key_length")) or kv.get(k("rope.dimension_count")) or per_head(hidden, heads)),
+            head_dim=integer(kv.get(k("attention.key_length")) or kv.get(k("rope.dimension_count"))
+                             or per_head(hidden, heads)),
             intermediate_size=integer(_required(kv, k("feed_forward_length"), where)), vocab_size=integer(vocab),
             rms_norm_eps=number(_required(kv, k("attention.layer_norm_rms_epsilon"), where)),
             rope_theta=number(kv.get(k("rope.freq_base"), 10000.0)),

@@ -123,11 +123,3 @@ def rotary_heads(spec: ModelSpec, canonical: str) -> int | None:
         if canonical.endswith(suffix):
             return getattr(spec, field)
     return None
-
-
-def split_layer(canonical: str) -> tuple[int, str] | None:
-    """'model.layers.3.self_attn.q_proj.weight' -> (3, 'self_attn.q_proj.weight')."""
-    if not canonical.startswith("model.layers."):
-        return None
-    layer, _, rest = canonical[len("model.layers."):].partition(".")
-    return int(layer), rest

@@ -105,6 +105,27 @@ def _disk_full(target: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def staged_file(path: Path):
+    """Yield a temporary path beside `path` that becomes it when the block succeeds and is removed when it fails:
+    a reader never sees half a file, and a failed write leaves the old one in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_file(path: Path, data: bytes | str) -> Path:
+    """`path` holding `data`, written through `staged_file`."""
+    with staged_file(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
 def publish(files: list[Path], folder: Path, force: bool) -> list[Path]:
     """Move finished files into `folder` under their own names."""
     finals = [folder / f.name for f in files]

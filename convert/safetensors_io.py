@@ -7,8 +7,8 @@ the tensor in hand.
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import mmap
 import os
 import struct

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from .errors import MixqError
-
-import math
 
 ARCHITECTURES = ("mixtral", "mistral", "llama")
 # Upper bounds no real decoder reaches (Llama-3.1-405B: 126 layers, hidden 16384, 128 heads; vocabularies of

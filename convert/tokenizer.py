@@ -102,10 +102,6 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(self.chat_template)
-
     # ---- readers -------------------------------------------------------------------------------------------
 
     @classmethod

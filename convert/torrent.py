@@ -10,8 +10,8 @@ import torch
 from . import pth_io
 from .checkpoint import Checkpoint, TensorRef, checked_tensors
 from .errors import MixqError
-from .jsonfile import read_json
 from .hf import write_json
+from .jsonfile import read_json
 from .names import canonical_to_torrent, rotary_heads
 from .progress import bar
 from .rope import half_to_interleaved, interleaved_to_half
@@ -47,7 +47,8 @@ def spec_from_params(params: dict, where: Path, vocab_rows: int | None = None) -
         spec = ModelSpec(
             arch="mixtral" if moe else "mistral", hidden_size=dim, num_layers=integer(params["n_layers"]),
             num_heads=heads, num_kv_heads=integer(params.get("n_kv_heads") or heads),
-            head_dim=integer(params.get("head_dim") or per_head(dim, heads)), intermediate_size=integer(params["hidden_dim"]),
+            head_dim=integer(params.get("head_dim") or per_head(dim, heads)),
+            intermediate_size=integer(params["hidden_dim"]),
             vocab_size=vocab if vocab > 0 else integer(vocab_rows or 0), rms_norm_eps=number(params["norm_eps"]),
             rope_theta=number(rope_theta),
             max_position_embeddings=integer(params.get("max_seq_len") or params.get("max_position_embeddings")

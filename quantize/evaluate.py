@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from convert.checkpoint import Checkpoint
-from convert.errors import MixqError
-from convert.progress import bar
+from mixq.convert.checkpoint import Checkpoint
+from mixq.convert.errors import MixqError
+from mixq.convert.progress import bar
 
 from .forward import Rotary, decoder_layer, rms_norm
 from .runner import load_layer

@@ -13,7 +13,6 @@ import torch
 from .quantizer import QuantizedWeight, Scheme
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-FORMATS = ("gptq", "awq")
 
 
 def _int32(x: torch.Tensor) -> torch.Tensor:

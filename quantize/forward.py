@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from convert.spec import ModelSpec
+from mixq.convert.spec import ModelSpec
 
 Weights = dict[str, torch.Tensor]
 

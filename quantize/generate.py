@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from convert.checkpoint import Checkpoint
+from mixq.convert.checkpoint import Checkpoint
 
 from .forward import KVCache, Rotary, decoder_layer, rms_norm
 from .runner import load_layer

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from convert.errors import MixqError
+from mixq.convert.errors import MixqError
 
 from .quantizer import QuantizedWeight, Scheme, codes, group_params
 

@@ -17,7 +17,7 @@ def quantize_layer(ctx) -> dict:
     s, spec, w = ctx.settings, ctx.spec, ctx.weights
     src = w if s.true_sequential else dict(w)   # the weights stage inputs are computed with
     eps = spec.rms_norm_eps
-    quantized, losses = {}, {}
+    quantized, losses, damps = {}, {}, {}
 
     def run(modules, hessian: Hessian) -> None:
         """GPTQ on linears that share one input: rows are independent given H, so they run as one matrix
@@ -33,6 +33,7 @@ def quantize_layer(ctx) -> dict:
                                    zeros=result.weight.zeros[rows], g_idx=result.weight.g_idx)
             quantized[module] = part
             losses[module] = round(float(result.losses[rows].sum()), 6)
+            damps[module] = round(result.damp, 6)
             w[f"{module}.weight"] = part.dequantize(weight.dtype).to(weight.device)
 
     def attention_in(x):
@@ -65,5 +66,8 @@ def quantize_layer(ctx) -> dict:
             hess.add(F.silu(h @ src[f"{gate}.weight"].T) * (h @ src[f"{up}.weight"].T))
         run((down,), hess)
     ctx.stats["gptq_loss"] = losses
+    raised = {m: d for m, d in damps.items() if d != s.damp}
+    if raised:  # the damping those solves used: more than requested, H was not positive definite with it
+        ctx.stats["damp_raised"] = raised
     del mlp_inputs
     return quantized

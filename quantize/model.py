@@ -3,8 +3,8 @@ are never quantized, and the names each runtime expects."""
 
 from __future__ import annotations
 
-from convert.names import TRANSFORMERS_EXPERT_NAMES
-from convert.spec import ModelSpec
+from mixq.convert.names import TRANSFORMERS_EXPERT_NAMES
+from mixq.convert.spec import ModelSpec
 
 ATTENTION_IN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")   # read input_layernorm's output
 ATTENTION_OUT = ("self_attn.o_proj",)

@@ -10,9 +10,9 @@ import math
 import shutil
 from pathlib import Path
 
-from convert import open_checkpoint
-from convert.errors import MixqError
-from convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
+from mixq.convert import open_checkpoint
+from mixq.convert.errors import MixqError
+from mixq.convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
 
 from .model import linears, shape
 from .runner import FORMAT_BITS, bits_problem
@@ -56,14 +56,14 @@ def preflight(model: str | Path, out: str | Path, methods=(), outtypes=(), calib
         import torch
         if not torch.cuda.is_available():
             raise MixqError(f"--device {device}: no CUDA device is visible to torch")
-    from calibration.sources import load_texts
+    from mixq.calibration.sources import load_texts
     for source, evaluation in ((calib, False), (eval_source, True)):
         if source and not (Path(source).suffix == ".safetensors" and Path(source).is_file()):
             load_texts(source, evaluation=evaluation)
     need = _bytes_needed(ckpt, out, methods, outtypes, bits, group_size, name or Path(model).name)
     free = shutil.disk_usage(_existing_ancestor(out)).free
     if need > free:
-        from convert.progress import human_bytes
+        from mixq.convert.progress import human_bytes
         raise MixqError(f"{out}: the outputs still to make need about {human_bytes(need)}, the disk has "
                         f"{human_bytes(free)} free")
     return {"model": str(model), "out": str(out), "methods": list(methods), "outtypes": list(outtypes),

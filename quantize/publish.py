@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convert.errors import MixqError
+from mixq.convert.errors import MixqError
 
 from .check import CHECK_FILE, read_check
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from convert.checkpoint import Checkpoint, TensorRef
-from convert.errors import MixqError
-from convert.jsonfile import read_json
-from convert.hf import file_refs, spec_from_config, weight_files
-from convert.tokenizer import Vocab
+from mixq.convert.checkpoint import Checkpoint, TensorRef
+from mixq.convert.errors import MixqError
+from mixq.convert.hf import file_refs, spec_from_config, weight_files
+from mixq.convert.jsonfile import read_json
+from mixq.convert.tokenizer import Vocab
 
 from . import model as arch
 from .formats import DEQUANTIZERS, SUFFIXES, packed_shapes

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,15 +13,22 @@ from pathlib import Path
 
 import torch
 
-from convert import open_checkpoint
-from convert.checkpoint import Checkpoint
-from convert.errors import MixqError
-from convert.hf import config_from_spec, generation_config, shard_plan, shard_names, write_json, \
-    write_tokenizer_files, INDEX
-from convert.output import claim, refuse_existing, refuse_overlap, replace_path
-from convert.progress import bar, note
-from convert.safetensors_io import SafetensorsFile, SafetensorsWriter, tensor_nbytes
-from convert.spec import ModelSpec
+from mixq.convert import open_checkpoint
+from mixq.convert.checkpoint import Checkpoint
+from mixq.convert.errors import MixqError
+from mixq.convert.hf import (
+    INDEX,
+    config_from_spec,
+    generation_config,
+    shard_names,
+    shard_plan,
+    write_json,
+    write_tokenizer_files,
+)
+from mixq.convert.output import claim, refuse_existing, refuse_overlap, replace_path, staged_file, write_file
+from mixq.convert.progress import bar, note
+from mixq.convert.safetensors_io import SafetensorsFile, SafetensorsWriter, tensor_nbytes
+from mixq.convert.spec import ModelSpec
 
 from . import model as arch
 from .formats import PACKERS, packed_shapes
@@ -206,12 +212,9 @@ class Work:
 
     def save(self, state: dict, hidden: torch.Tensor | None) -> None:
         if hidden is not None:
-            tmp = self.path / "hidden.pt.partial"
-            torch.save(hidden.cpu(), tmp)
-            os.replace(tmp, self.path / "hidden.pt")
-        tmp = self.path / f"{STATE}.partial"
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, self.path / STATE)
+            with staged_file(self.path / "hidden.pt") as tmp:
+                torch.save(hidden.cpu(), tmp)
+        write_file(self.path / STATE, json.dumps(state, indent=1))
 
     def hidden(self, device) -> torch.Tensor:
         try:
@@ -326,11 +329,9 @@ def _write_layer(path: Path, layer: int, spec: ModelSpec, quantized: dict[str, Q
         tensors[f"{prefix}{arch.output_name(module, settings.expert_naming)}.weight"] = \
             weights[weight].to(OUTPUT_DTYPE).cpu()
     plan = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
-    tmp = path.with_name(path.name + ".partial")
-    with SafetensorsWriter(tmp, plan) as writer:
+    with staged_file(path) as tmp, SafetensorsWriter(tmp, plan) as writer:
         for name, tensor in tensors.items():
             writer.write(name, tensor.contiguous())
-    os.replace(tmp, path)
 
 
 def output_plan(spec: ModelSpec, settings: Settings) -> list[tuple[str, tuple[int, ...], torch.dtype]]:

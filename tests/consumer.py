@@ -22,8 +22,8 @@ TORCH_BACKENDS = {"gptq": "torch", "awq": "torch_awq"}
 
 
 def load(repo: str, backend: str):
-    import torch
     import defuser
+    import torch
     defuser.replace_fused_blocks("mixtral")  # else transformers 5 loads Mixtral experts fused, and random
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.quantizers import AutoQuantizationConfig

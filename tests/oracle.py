@@ -42,7 +42,8 @@ def native_logits(state: dict, params: dict, tokens: list[int], rope_theta: floa
         h = _rms(x, s[p + "ffn_norm.weight"], eps)
 
         def mlp(prefix, inp):
-            return (F.silu(inp @ s[prefix + "w1.weight"].T) * (inp @ s[prefix + "w3.weight"].T)) @ s[prefix + "w2.weight"].T
+            gate, up = F.silu(inp @ s[prefix + "w1.weight"].T), inp @ s[prefix + "w3.weight"].T
+            return (gate * up) @ s[prefix + "w2.weight"].T
 
         if "moe" in params:
             logits = h @ s[p + "feed_forward.gate.weight"].T

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from calibration import prepare
-from convert import open_checkpoint
-from quantize import Scheme, Settings, quantize_model
-from quantize.awq import apply_scales
-from quantize.formats import pack_awq
-from quantize.forward import Rotary, decoder_layer, rms_norm, route
-from quantize.quantizer import rtn
-from quantize.repository import read_quantized
-from quantize.runner import load_layer
+from mixq.calibration import prepare
+from mixq.convert import open_checkpoint
+from mixq.quantize import Scheme, Settings, quantize_model
+from mixq.quantize.awq import apply_scales
+from mixq.quantize.formats import pack_awq
+from mixq.quantize.forward import Rotary, decoder_layer, rms_norm, route
+from mixq.quantize.quantizer import rtn
+from mixq.quantize.repository import read_quantized
+from mixq.quantize.runner import load_layer
 from tests.test_quantize_engine import TOKENS, assert_consumer_agrees, forward_logits, run_consumer, tiny_hf
 
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]   # where output column 8c + j sits among a word's nibbles

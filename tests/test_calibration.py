@@ -11,9 +11,9 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, UserMess
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from calibration import Blocks, load_texts, load_tokenizer, prepare, sample_blocks
-from calibration.blocks import encode_document
-from convert import MixqError
+from mixq.calibration import Blocks, load_texts, load_tokenizer, prepare, sample_blocks
+from mixq.calibration.blocks import encode_document
+from mixq.convert import MixqError
 from tests.models import tiny_torrent
 
 TEXT = "\n\n".join(f"Paragraph {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(40)) for i in range(60))
@@ -193,7 +193,7 @@ def test_unknown_source():
 def test_a_text_file_is_evaluated_as_it_is(tmp_path, tokenizer):
     """The tokens scored are the file's text, byte for byte (blank-line runs, CRLF, trailing spaces kept), as
     llama.cpp's perplexity tool reads it; the provenance hash is the file's."""
-    from calibration.blocks import evaluation_ids
+    from mixq.calibration.blocks import evaluation_ids
     text = "First paragraph.\n\n\n  Indented second,\r\nwith CRLF.\n\nThird  \n"
     path = tmp_path / "eval.txt"
     path.write_bytes(text.encode())

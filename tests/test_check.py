@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from calibration import load_tokenizer, prepare
-from calibration.blocks import evaluation_ids
-from convert import MixqError
-from quantize import Scheme, Settings, quantize_model
-from quantize.check import open_any, run_check
-from quantize.evaluate import make_windows, perplexity
-from quantize.generate import LoadedModel, generate, prompt_ids
+from mixq.calibration import load_tokenizer, prepare
+from mixq.calibration.blocks import evaluation_ids
+from mixq.convert import MixqError
+from mixq.quantize import Scheme, Settings, quantize_model
+from mixq.quantize.check import open_any, run_check
+from mixq.quantize.evaluate import make_windows, perplexity
+from mixq.quantize.generate import LoadedModel, generate, prompt_ids
 from tests.test_quantize_engine import tiny_hf
 
 SEQLEN = 128
@@ -74,6 +74,7 @@ def _dense_from_spec_unpacker(repo, out):
     unpackers (written from the format specifications)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
+
     from tests.test_awq import unpack_awq_from_spec
     from tests.test_quantize_engine import unpack_gptq_from_spec
     config = json.loads((repo / "config.json").read_text())

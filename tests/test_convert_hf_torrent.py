@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convert import convert_checkpoint, open_checkpoint
+from mixq.convert import convert_checkpoint, open_checkpoint
 from tests.models import native_state, tiny_params, tiny_torrent, write_torrent
 from tests.oracle import native_logits
 
@@ -73,7 +73,7 @@ def test_wrong_rotary_permutation_is_caught(tmp_path, monkeypatch):
     params = tiny_params("mixtral")
     state = native_state(params, torch.float32, seed=1)
     write_torrent(tmp_path / "src", params, state)
-    monkeypatch.setattr("convert.torrent.interleaved_to_half", lambda weight, heads: weight)
+    monkeypatch.setattr("mixq.convert.torrent.interleaved_to_half", lambda weight, heads: weight)
     convert_checkpoint(tmp_path / "src", tmp_path / "hf", "hf")
     logits = _hf_logits(tmp_path / "hf", PROMPT)
     reference = native_logits(state, params, PROMPT, rope_theta=1e6)
@@ -134,7 +134,7 @@ def test_streaming_reads_through_mmap(tmp_path, monkeypatch):
         load, release = ref.load, ref.release
         ref.load = lambda n=name, f=load: (events.append(("load", n)), f())[1]
         ref.release = lambda n=name, f=release: (events.append(("release", n)), f())[1]
-    from convert.hf import write_hf
+    from mixq.convert.hf import write_hf
     (tmp_path / "out").mkdir()
     write_hf(ckpt, tmp_path / "out", None, 10**9)
     assert events == [(kind, n) for n in ckpt.tensors for kind in ("load", "release")]

@@ -287,7 +287,8 @@ GGUF_LIES = {  # metadata of a real tiny GGUF, rewritten with gguf-py's writer
 def test_gguf_metadata_that_lies_is_refused(cli, tmp_path, case):
     import numpy as np
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
-    from convert import convert_checkpoint
+
+    from mixq.convert import convert_checkpoint
     key, value, says = GGUF_LIES[case]
     tiny_torrent(tmp_path / "src", layers=1)
     convert_checkpoint(tmp_path / "src", tmp_path / "m.gguf", "gguf", outtype="f16")
@@ -526,7 +527,7 @@ def test_bits_a_format_cannot_hold_are_usage_errors(cli, tmp_path, method, bits)
 
 
 def test_a_prepared_file_sliced_by_samples_says_so(cli, tmp_path):
-    from calibration import Blocks
+    from mixq.calibration import Blocks
     model = tiny_hf(tmp_path / "m")
     prepared = tmp_path / "calib.safetensors"
     assert cli("calibration", "prepare", model, "--calib", "kjv", "--samples", 6, "--seqlen", 16,
@@ -589,8 +590,9 @@ def test_malformed_containers_allocate_no_more_than_their_size(tmp_path):
 
 def test_preflight_refuses_what_the_pipeline_would_fail_on(cli, tmp_path, small_disk, monkeypatch):
     import builtins
-    from convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
-    from quantize.preflight import GGUF_BITS
+
+    from mixq.convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
+    from mixq.quantize.preflight import GGUF_BITS
     assert set(GGUF_BITS) == set(GGUF_PY_TYPES) | set(LLAMA_CPP_TYPES)  # every type the converter writes
     model = tiny_hf(tmp_path / "m")
     ok = json.loads(cli("preflight", model, tmp_path / "rel", "--method", "awq", "--outtype", "q8_0",

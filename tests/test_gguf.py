@@ -10,7 +10,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize
 from safetensors.torch import load_file
 
-from convert import convert_checkpoint, open_checkpoint
+from mixq.convert import convert_checkpoint, open_checkpoint
 from tests.models import native_state, tiny_params, tiny_torrent, write_torrent
 from tests.oracle import native_logits
 
@@ -78,7 +78,8 @@ def test_gguf_layout_as_llama_cpp_writes_it(tmp_path):
 def _native_from_gguf(path):
     """Torrent-named tensors straight from gguf-py's reader: GGUF rows are in native (interleaved) order."""
     names = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output", "attn_norm": "attention_norm",
-             "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+             "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+             "attn_output": "attention.wo",
              "ffn_norm": "ffn_norm", "ffn_gate_inp": "feed_forward.gate", "ffn_gate": "feed_forward.w1",
              "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2"}
     state = {}

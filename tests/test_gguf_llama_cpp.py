@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert import convert_checkpoint, inspect_checkpoint, open_checkpoint
+from mixq.convert import convert_checkpoint, inspect_checkpoint, open_checkpoint
 from tests.models import native_state, tiny_params, tiny_torrent, write_torrent
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs the llama-cpp extra (llama-cpp-python)")

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from calibration import Blocks, prepare
-from convert import convert_checkpoint, open_checkpoint
-from convert.errors import MixqError
-from quantize import Scheme, Settings, quantize_model
-from quantize.formats import pack_gptq
-from quantize.forward import Rotary, decoder_layer, rms_norm
-from quantize.gptq import Hessian, gptq_quantize
-from quantize.quantizer import rtn
-from quantize.repository import read_quantized
+from mixq.calibration import Blocks, prepare
+from mixq.convert import convert_checkpoint, open_checkpoint
+from mixq.convert.errors import MixqError
+from mixq.quantize import Scheme, Settings, quantize_model
+from mixq.quantize.formats import pack_gptq
+from mixq.quantize.forward import Rotary, decoder_layer, rms_norm
+from mixq.quantize.gptq import Hessian, gptq_quantize
+from mixq.quantize.quantizer import rtn
+from mixq.quantize.repository import read_quantized
 from tests.models import native_state, tiny_params, write_torrent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,7 +245,7 @@ def _digests(path: Path) -> dict:
 def test_resume_is_byte_identical(tmp_path, mixtral, blocks, monkeypatch):
     settings = Settings(method="gptq", scheme=Scheme(4, 128, sym=False), fmt="gptq")
     quantize_model(mixtral, tmp_path / "whole", settings, blocks)
-    import quantize.runner as runner
+    import mixq.quantize.runner as runner
     real = runner._write_layer
 
     def crash_after_first(path, layer, *args):

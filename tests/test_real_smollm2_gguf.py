@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.fixtures import shakespeare_text, smollm2_gguf, smollm2_hf
+from mixq.calibration.fixtures import shakespeare_text, smollm2_gguf, smollm2_hf
 
 pytestmark = pytest.mark.slow
 WINDOW, WINDOWS = 512, 6

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from calibration import load_tokenizer, prepare
-from calibration.blocks import evaluation_ids
-from calibration.fixtures import smollm2_hf
-from convert import open_checkpoint
-from quantize import Scheme, Settings, quantize_model
-from quantize.evaluate import make_windows, perplexity
-from quantize.repository import read_quantized
+from mixq.calibration import load_tokenizer, prepare
+from mixq.calibration.blocks import evaluation_ids
+from mixq.calibration.fixtures import smollm2_hf
+from mixq.convert import open_checkpoint
+from mixq.quantize import Scheme, Settings, quantize_model
+from mixq.quantize.evaluate import make_windows, perplexity
+from mixq.quantize.repository import read_quantized
 from tests.test_quantize_engine import assert_consumer_agrees, forward_logits, run_consumer
 
 pytestmark = pytest.mark.slow
@@ -117,6 +117,7 @@ def test_upcycled_moe_equals_the_dense_model(tmp_path, smol):
     """Copies of the dense MLP as experts: whatever the router does, the logits are the dense model's. An exact
     check of every MoE path: upcycling, the Mixtral layout, routing, and transformers' loading of it."""
     from transformers import AutoModelForCausalLM
+
     from tests.upcycle import upcycle
     moe = upcycle(smol, tmp_path / "moe")
     tokens = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 28, 7018]])

@@ -6,13 +6,14 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from convert import convert_checkpoint
-from convert.tokenizer import Vocab
+from mixq.convert import convert_checkpoint
+from mixq.convert.tokenizer import Vocab
 from tests.fixtures import mistral_tokenizer_path
 from tests.models import tiny_torrent
 
 STRINGS = ["Hello world", "  two  spaces", "über 123456 🙂", "\n\tline", " leading space",
-           "[INST] What is your favourite condiment? [/INST]", "a  b   c    d", "x\u00a0y  \t z", "tab\there, CRLF\r\n end."]
+           "[INST] What is your favourite condiment? [/INST]", "a  b   c    d", "x\u00a0y  \t z",
+           "tab\there, CRLF\r\n end."]
 CONVERSATIONS = [
     [("user", "What is your favourite condiment?"),
      ("assistant", "Well, I'm quite partial to a good squeeze of fresh lemon juice."),

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from convert import open_checkpoint
-from convert.hf import config_from_spec, write_json
+from mixq.convert import open_checkpoint
+from mixq.convert.hf import config_from_spec, write_json
 
 MLP = {"mlp.gate_proj.weight": "w1", "mlp.up_proj.weight": "w3", "mlp.down_proj.weight": "w2"}
 
@@ -26,7 +26,8 @@ def upcycle(dense: Path, out: Path, experts: int = 4, per_token: int = 2, noise:
         if layer_name in MLP:
             prefix = name[: -len(layer_name)]
             for e in range(experts):
-                copy = tensor + noise * tensor.std() * torch.randn(tensor.shape, generator=g) if noise else tensor.clone()
+                jitter = noise * tensor.std() * torch.randn(tensor.shape, generator=g) if noise else 0
+                copy = tensor + jitter if noise else tensor.clone()
                 tensors[f"{prefix}block_sparse_moe.experts.{e}.{MLP[layer_name]}.weight"] = copy.contiguous()
             if layer_name == "mlp.gate_proj.weight":
                 router = torch.randn(experts, spec.hidden_size, generator=g) * spec.hidden_size ** -0.5

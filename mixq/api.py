@@ -1,0 +1,150 @@
+"""mixq as a library: one function per command, keyword arguments named as the command's options, each
+returning the report `--json` prints. The command line only maps flags onto these, so a script makes exactly
+the artifacts `mixq` makes.
+
+    import mixq
+    mixq.convert("Mixtral-8x7B-v0.1", "mixtral.gguf", to="gguf", outtype="q8_0")
+    report = mixq.quantize("mixtral-hf", "mixtral-awq", method="awq", calib="pileval", samples=128)
+    check = mixq.check("mixtral-awq", reference="mixtral-hf", eval="wikitext2")
+
+`mixq.convert` and `mixq.quantize` are also the subpackages `mixq.convert` and `mixq.quantize` (the folders
+convert/ and quantize/): `callable_package` makes those modules callable as the functions here, so both
+`mixq.convert(...)` and `from mixq.convert import open_checkpoint` hold.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+QUANTIZE_METHODS = ("awq", "gptq", "rtn")
+# the options of each method beyond the shared ones, with their defaults (the CLI's)
+METHOD_OPTIONS = {
+    "gptq": {"sym": True, "damp": 0.01, "desc_act": True, "static_groups": None, "true_sequential": True},
+    "awq": {"zero_point": True, "grid": 20, "clip": True, "duo_scaling": True, "router_scaling": True},
+    "rtn": {"format": "gptq", "sym": None},
+}
+
+
+def convert(src, out, *, to: str, layout: str = "auto", dtype: str = "auto", outtype: str = "auto",
+            shard_size: str | int = "5GB", split_max_size: str | int | None = None, weights: str = "safetensors",
+            force: bool = False) -> dict:
+    """`mixq convert SRC OUT --to {hf,torrent,gguf}`: a checkpoint in another layout, bit-exact at one dtype."""
+    from mixq.convert import convert_checkpoint
+    return convert_checkpoint(src, out, to, dtype=dtype, shard_size=shard_size, force=force, weights_format=weights,
+                              outtype=outtype.lower(), split_max_size=split_max_size, layout=layout)
+
+
+def prepare_calibration(model, calib: str = "kjv", *, output=None, samples: int = 128, seqlen: int = 512,
+                        seed: int = 0, mode: str = "concat", split: str | None = None, field: str | None = None,
+                        allow_fewer: bool = False, force: bool = False) -> dict:
+    """`mixq calibration prepare`: token blocks of `calib` for `model`'s tokenizer, saved at `output` if given."""
+    from mixq.calibration import prepare
+    from mixq.convert.output import refuse_existing
+    if output is not None:
+        refuse_existing([Path(output)], force)
+    blocks = prepare(model, calib, samples=samples, seqlen=seqlen, seed=seed, mode=mode, split=split,
+                     text_field=field, allow_fewer=allow_fewer)
+    if output is not None:
+        blocks.save(output)
+    return {"output": None if output is None else str(output), **blocks.provenance}
+
+
+def check(model, *, reference=None, eval: str = "shakespeare", eval_method: str = "windows", seqlen: int = 2048,
+          max_tokens: int | None = None, prompts=None, max_new_tokens: int = 128, temperature: float = 0.0,
+          top_p: float = 1.0, seed: int = 0, eval_batch: int = 4, split: str | None = None,
+          field: str | None = None, device: str = "auto", dtype: str = "auto", output=None, force: bool = False,
+          stream=None) -> dict:
+    """`mixq check`: perplexity (against `reference` when given, with KL) and sample generations.
+
+    `output`: write the report there (refused before the evaluation if it exists, unless `force`); `stream`:
+    called as stream(prompt_index, text) while generating.
+    """
+    from mixq.convert.errors import MixqError
+    from mixq.convert.output import refuse_existing
+    from mixq.quantize.check import run_check, save_check
+    if output is not None:
+        refuse_existing([Path(output)], force)
+        if not Path(output).parent.is_dir():
+            raise MixqError(f"{output}: no folder {Path(output).parent} to write the report into")
+    report = run_check(model, eval_source=eval, reference=reference, method=eval_method, seqlen=seqlen,
+                       max_tokens=max_tokens, prompts=None if prompts is None else list(prompts) or None,
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                       device=device, dtype=dtype, batch=eval_batch, split=split, text_field=field, stream=stream)
+    if output is not None:
+        save_check(report, output)
+    return report
+
+
+def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samples: int = 128, seqlen: int = 512,
+             seed: int = 0, mode: str = "concat", split: str | None = None, field: str | None = None,
+             allow_fewer: bool = False, bits: int = 4, group_size: int = 128, expert_naming: str = "classic",
+             device: str = "auto", compute_dtype: str = "auto", batch: int = 8, shard_size: str | int = "5GB",
+             resume: bool = False, force: bool = False, check: bool | dict = False, **options) -> dict:
+    """`mixq quantize METHOD MODEL OUT`: an AWQ-GEMM or GPTQ-v1 repository at `out`; returns its report.
+
+    `options` are the method's own (METHOD_OPTIONS: gptq sym, damp, desc_act, static_groups, true_sequential;
+    awq zero_point, grid, clip, duo_scaling, router_scaling; rtn format, sym). `check`: True, or a dict of
+    `check()`'s keyword arguments, runs the check against `model` afterwards and adds it to the report (the
+    evaluation text is resolved before any work).
+    """
+    from mixq.calibration import prepare
+    from mixq.calibration.sources import load_texts
+    from mixq.convert.errors import MixqError
+    from mixq.convert.hf import parse_size
+    from mixq.quantize import Scheme, Settings, quantize_model
+    from mixq.quantize.check import CHECK_FILE, save_check
+    from mixq.quantize.runner import bits_problem, check_inputs
+    if method not in QUANTIZE_METHODS:
+        raise MixqError(f"unknown method {method!r} (choose from {', '.join(QUANTIZE_METHODS)})")
+    unknown = set(options) - set(METHOD_OPTIONS[method])
+    if unknown:
+        raise MixqError(f"{method} has no option {sorted(unknown)[0]!r} (its options: "
+                        f"{', '.join(METHOD_OPTIONS[method])})")
+    o = METHOD_OPTIONS[method] | options
+    fmt = {"awq": "awq", "gptq": "gptq"}.get(method, o.get("format"))
+    if fmt not in ("awq", "gptq"):
+        raise MixqError(f"unknown format {fmt!r} (choose from gptq, awq)")
+    if bits_problem(fmt, bits):
+        raise MixqError(f"--bits {bits_problem(fmt, bits)}")
+    sym = {"awq": not o.get("zero_point"), "gptq": o.get("sym")}.get(method) if method != "rtn" else \
+        (fmt == "gptq" if o["sym"] is None else o["sym"])
+    extra = {"gptq": lambda: {"damp": o["damp"], "desc_act": o["desc_act"], "true_sequential": o["true_sequential"],
+                              "static_groups": o["desc_act"] if o["static_groups"] is None else o["static_groups"]},
+             "awq": lambda: {"grid": o["grid"], "clip": o["clip"], "duo_scaling": o["duo_scaling"],
+                             "scale_router": o["router_scaling"]},
+             "rtn": dict}[method]()
+    settings = Settings(method=method, scheme=Scheme(bits=bits, group_size=group_size, sym=sym, rule=fmt), fmt=fmt,
+                        expert_naming=expert_naming, device=device, dtype=compute_dtype, batch=batch,
+                        shard_size=parse_size(shard_size), **extra)
+    check_options = ({} if check is True else dict(check)) if check else None
+    check_inputs(model, out, settings, force)  # before the calibration text is tokenized
+    if check_options is not None:  # the evaluation text must resolve before hours of quantization, not after
+        load_texts(check_options.get("eval", "shakespeare"), evaluation=True)
+    blocks = None
+    if method != "rtn":
+        if calib is None:
+            raise MixqError(f"{method.upper()} needs calibration data (calib)")
+        blocks = prepare(model, calib, samples=samples, seqlen=seqlen, seed=seed, mode=mode, split=split,
+                         text_field=field, allow_fewer=allow_fewer)
+    report = quantize_model(model, out, settings, blocks, force=force, resume=resume)
+    if check_options is not None:
+        result = globals()["check"](out, reference=model, device=device, **check_options)
+        save_check(result, Path(out) / CHECK_FILE)
+        report["check"] = result
+        save_check(report, Path(out) / "report.json")
+    return dict(report, output=str(out))
+
+
+def callable_package(name: str, function: str) -> None:
+    """Make the package module `name` callable as this module's `function` (see the module docstring)."""
+    module = sys.modules[name]
+
+    class CallablePackage(types.ModuleType):
+        __doc__ = module.__doc__
+
+        def __call__(self, *args, **kwargs):
+            return globals()[function](*args, **kwargs)
+
+    module.__class__ = CallablePackage
