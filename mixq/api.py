@@ -63,7 +63,7 @@ def check(model, *, reference=None, eval: str = "shakespeare", eval_method: str 
     """
     from mixq.convert.errors import MixqError
     from mixq.convert.output import refuse_existing
-    from mixq.quantize.check import run_check, save_check
+    from mixq.quantize.check import run_check, save_report
     if output is not None:
         refuse_existing([Path(output)], force)
         if not Path(output).parent.is_dir():
@@ -73,7 +73,7 @@ def check(model, *, reference=None, eval: str = "shakespeare", eval_method: str 
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                        device=device, dtype=dtype, batch=eval_batch, split=split, text_field=field, stream=stream)
     if output is not None:
-        save_check(report, output)
+        save_report(report, output)
     return report
 
 
@@ -94,7 +94,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
     from mixq.convert.errors import MixqError
     from mixq.convert.hf import parse_size
     from mixq.quantize import Scheme, Settings, quantize_model
-    from mixq.quantize.check import CHECK_FILE, save_check
+    from mixq.quantize.check import CHECK_FILE, save_report
     from mixq.quantize.runner import bits_problem, check_inputs
     if method not in QUANTIZE_METHODS:
         raise MixqError(f"unknown method {method!r} (choose from {', '.join(QUANTIZE_METHODS)})")
@@ -131,9 +131,9 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
     report = quantize_model(model, out, settings, blocks, force=force, resume=resume)
     if check_options is not None:
         result = globals()["check"](out, reference=model, device=device, **check_options)
-        save_check(result, Path(out) / CHECK_FILE)
+        save_report(result, Path(out) / CHECK_FILE)
         report["check"] = result
-        save_check(report, Path(out) / "report.json")
+        save_report(report, Path(out) / "report.json")
     return dict(report, output=str(out))
 
 

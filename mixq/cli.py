@@ -18,6 +18,7 @@ import click
 
 from mixq.convert import progress
 from mixq.convert.errors import MixqError
+from mixq.convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
 from mixq.convert.progress import human_bytes
 
 EXIT_INPUT, EXIT_THRESHOLD, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 3, 70, 130
@@ -113,9 +114,7 @@ def main():
               show_default=True, help="Source layout (detected by default).")
 @click.option("--dtype", type=click.Choice(["auto", "f32", "f16", "bf16"]), default="auto", show_default=True,
               help="Weights dtype for hf/torrent output; auto keeps the source's.")
-@click.option("--outtype", type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
-                                              "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s",
-                                              "q5_k_m", "q6_k"], case_sensitive=False),
+@click.option("--outtype", type=click.Choice(["auto", *GGUF_PY_TYPES, *LLAMA_CPP_TYPES], case_sensitive=False),
               default="auto", show_default=True, help="GGUF tensor type (K-quants need the llama-cpp extra).")
 @click.option("--shard-size", type=SIZE, default="5GB", show_default=True,
               help="Largest safetensors shard (hf output).")
@@ -464,8 +463,8 @@ def quantize_gptq(model, out, sym, damp, desc_act, static_groups, true_sequentia
 @engine_options
 @click.option("--zero-point/--no-zero-point", default=True, show_default=True,
               help="Asymmetric groups with a zero point (AutoAWQ's default) or symmetric ones.")
-@click.option("--version", "version", type=click.Choice(["gemm"]), default="gemm", show_default=True,
-              help="Packed layout (GEMM: what vLLM, TGI and transformers load).")
+@click.option("--packing", "--version", "packing", type=click.Choice(["gemm"]), default="gemm", show_default=True,
+              help="Packed layout, AutoAWQ's `version` (GEMM: what vLLM, TGI and transformers load).")
 @click.option("--grid", type=click.IntRange(min=1), default=20, show_default=True, help="Points of the scale search.")
 @click.option("--no-clip", is_flag=True, help="Skip the clipping search.")
 @click.option("--duo-scaling/--no-duo-scaling", default=True, show_default=True,
@@ -473,7 +472,7 @@ def quantize_gptq(model, out, sym, damp, desc_act, static_groups, true_sequentia
 @click.option("--no-router-scaling", is_flag=True,
               help="Leave the MoE router reading the rescaled norm, as AutoAWQ does (for comparison only).")
 @command
-def quantize_awq(model, out, zero_point, version, grid, no_clip, duo_scaling, no_router_scaling, **kwargs):
+def quantize_awq(model, out, zero_point, packing, grid, no_clip, duo_scaling, no_router_scaling, **kwargs):
     """AWQ, 4-bit group 128 GEMM by default (AutoAWQ's settings), the MoE router rescaled with its experts."""
     return _run_quantize("awq", model, out, kwargs, zero_point=zero_point, grid=grid, clip=not no_clip,
                          duo_scaling=duo_scaling, router_scaling=not no_router_scaling)

@@ -105,5 +105,6 @@ def summary(r: dict) -> str:
     return text + f" on {r['tokens']} tokens ({r['method']}, {r['seqlen']}-token windows)"
 
 
-def save_check(report: dict, path: str | Path) -> Path:
+def save_report(report: dict, path: str | Path) -> Path:
+    """A check or quantization report as indented JSON, written whole or not at all."""
     return write_file(path, json.dumps(report, indent=2) + "\n")
