@@ -82,10 +82,7 @@ def _walk(c: _Cursor, tensor_types: dict[int, tuple[int, int]]) -> None:
     keys: set[str] = set()
     alignment = 32
     for _ in range(n_kv):
-        key = _text(c.string("metadata key"), path, "metadata key")
-        if key in keys:
-            raise MixqError(f"{path}: metadata key {key} appears twice")
-        keys.add(key)
+        key = _unique(c, keys, "metadata key")
         kind = c.unpack("<I", f"type of {key}")
         value = _skip_value(c, kind, key)
         if key == "general.alignment":
@@ -95,10 +92,7 @@ def _walk(c: _Cursor, tensor_types: dict[int, tuple[int, int]]) -> None:
     tensors = []
     names: set[str] = set()
     for _ in range(n_tensors):
-        name = _text(c.string("tensor name"), path, "tensor name")
-        if name in names:
-            raise MixqError(f"{path}: tensor {name} appears twice")
-        names.add(name)
+        name = _unique(c, names, "tensor name")
         n_dims = c.unpack("<I", f"dimension count of {name}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise MixqError(f"{path}: tensor {name} has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
@@ -144,6 +138,15 @@ def _skip_value(c: _Cursor, kind: int, key: str):
         return None
     c.take(count * struct.calcsize(VALUE_TYPES[item]), f"{count} elements of {key}")
     return None
+
+
+def _unique(c: _Cursor, seen: set[str], what: str) -> str:
+    """The next string: a name that may appear only once in the file."""
+    name = _text(c.string(what), c.path, what)
+    if name in seen:
+        raise MixqError(f"{c.path}: {what} {name} appears twice")
+    seen.add(name)
+    return name
 
 
 def _text(raw: bytes, path: Path, what: str) -> str:

@@ -95,7 +95,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
     from mixq.convert.hf import parse_size
     from mixq.quantize import Scheme, Settings, quantize_model
     from mixq.quantize.check import CHECK_FILE, save_report
-    from mixq.quantize.runner import bits_problem, check_inputs
+    from mixq.quantize.runner import check_inputs  # refuses bits, group size and the output path
     if method not in QUANTIZE_METHODS:
         raise MixqError(f"unknown method {method!r} (choose from {', '.join(QUANTIZE_METHODS)})")
     unknown = set(options) - set(METHOD_OPTIONS[method])
@@ -103,18 +103,20 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
         raise MixqError(f"{method} has no option {sorted(unknown)[0]!r} (its options: "
                         f"{', '.join(METHOD_OPTIONS[method])})")
     o = METHOD_OPTIONS[method] | options
-    fmt = {"awq": "awq", "gptq": "gptq"}.get(method, o.get("format"))
+    fmt = o["format"] if method == "rtn" else method
     if fmt not in ("awq", "gptq"):
         raise MixqError(f"unknown format {fmt!r} (choose from gptq, awq)")
-    if bits_problem(fmt, bits):
-        raise MixqError(f"--bits {bits_problem(fmt, bits)}")
-    sym = {"awq": not o.get("zero_point"), "gptq": o.get("sym")}.get(method) if method != "rtn" else \
-        (fmt == "gptq" if o["sym"] is None else o["sym"])
-    extra = {"gptq": lambda: {"damp": o["damp"], "desc_act": o["desc_act"], "true_sequential": o["true_sequential"],
-                              "static_groups": o["desc_act"] if o["static_groups"] is None else o["static_groups"]},
-             "awq": lambda: {"grid": o["grid"], "clip": o["clip"], "duo_scaling": o["duo_scaling"],
-                             "scale_router": o["router_scaling"]},
-             "rtn": dict}[method]()
+    extra = {}
+    if method == "gptq":
+        sym = o["sym"]
+        extra = {"damp": o["damp"], "desc_act": o["desc_act"], "true_sequential": o["true_sequential"],
+                 "static_groups": o["desc_act"] if o["static_groups"] is None else o["static_groups"]}
+    elif method == "awq":
+        sym = not o["zero_point"]
+        extra = {"grid": o["grid"], "clip": o["clip"], "duo_scaling": o["duo_scaling"],
+                 "scale_router": o["router_scaling"]}
+    else:  # round-to-nearest: each format's own default rule
+        sym = fmt == "gptq" if o["sym"] is None else o["sym"]
     settings = Settings(method=method, scheme=Scheme(bits=bits, group_size=group_size, sym=sym, rule=fmt), fmt=fmt,
                         expert_naming=expert_naming, device=device, dtype=compute_dtype, batch=batch,
                         shard_size=parse_size(shard_size), **extra)

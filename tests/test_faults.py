@@ -285,32 +285,15 @@ GGUF_LIES = {  # metadata of a real tiny GGUF, rewritten with gguf-py's writer
 
 @pytest.mark.parametrize("case", GGUF_LIES)
 def test_gguf_metadata_that_lies_is_refused(cli, tmp_path, case):
-    import numpy as np
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGUFValueType
 
     from mixq.convert import convert_checkpoint
+    from tests.test_gguf import rewrite_gguf
     key, value, says = GGUF_LIES[case]
     tiny_torrent(tmp_path / "src", layers=1)
     convert_checkpoint(tmp_path / "src", tmp_path / "m.gguf", "gguf", outtype="f16")
-    reader = GGUFReader(tmp_path / "m.gguf")
-    writer = GGUFWriter(tmp_path / "lie.gguf", "llama")
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        vtype = field.types[0]
-        if name == key:
-            writer.add_key_value(name, value, GGUFValueType.STRING if isinstance(value, str) else
-                                 GGUFValueType.UINT32)
-            continue
-        writer.add_key_value(name, field.contents(), vtype,
-                             sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, np.array(t.data))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    del reader
+    kind = GGUFValueType.STRING if isinstance(value, str) else GGUFValueType.UINT32
+    rewrite_gguf(tmp_path / "m.gguf", tmp_path / "lie.gguf", replace={key: (value, kind)})
     (tmp_path / "m.gguf").unlink()
     before = tree(tmp_path)
     one_line_error(cli("convert", tmp_path / "lie.gguf", tmp_path / "out", "--to", "hf"), 1, says)

@@ -242,11 +242,17 @@ def test_unknown_tensor_type(cli, tmp_path, gguf_file):
     _fails(cli, tmp_path, gguf_file, "unknown ggml type id 99")
 
 
-def test_missing_hyperparameter(cli, tmp_path, gguf_file):
-    reader = GGUFReader(gguf_file)
-    writer = GGUFWriter(tmp_path / "nokey.gguf", "llama")
+def rewrite_gguf(src, dst, drop=(), replace=None) -> None:
+    """`src` rewritten at `dst` by gguf-py's writer without the keys in `drop` and with `replace`'s values
+    (key -> (value, GGUFValueType)): metadata crafted on a real file."""
+    reader = GGUFReader(src)
+    writer = GGUFWriter(dst, "llama")
+    replace = replace or {}
     for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "llama.block_count"):
+        if name.startswith("GGUF.") or name == "general.architecture" or name in drop:
+            continue
+        if name in replace:
+            writer.add_key_value(name, *replace[name])
             continue
         vtype = field.types[0]
         writer.add_key_value(name, field.contents(), vtype,
@@ -257,6 +263,10 @@ def test_missing_hyperparameter(cli, tmp_path, gguf_file):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def test_missing_hyperparameter(cli, tmp_path, gguf_file):
+    rewrite_gguf(gguf_file, tmp_path / "nokey.gguf", drop=("llama.block_count",))
     _fails(cli, tmp_path, tmp_path / "nokey.gguf", "missing metadata key llama.block_count")
 
 
