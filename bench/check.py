@@ -40,7 +40,7 @@ def mixq_tokens_per_second(path: Path, tokens, dtype, device) -> float:
     import torch
 
     from mixq.quantize.check import open_any
-    from mixq.quantize.evaluate import Windows, perplexity
+    from mixq.quantize.check.perplexity import Windows, perplexity
     result = perplexity(open_any(path, dtype), Windows(tokens, 0, "windows"), device, dtype, batch=4)
     if device != "cpu":
         torch.cuda.synchronize()
@@ -69,10 +69,11 @@ def main() -> None:
     rows = [("dense", mixq_tokens_per_second(model, tokens, dtype, device),
              transformers_tokens_per_second(model, tokens, dtype, device))]
     if cuda:
-        from mixq.quantize import Scheme, Settings, quantize_model
+        from mixq.quantize import Settings, quantize_model
+        from mixq.quantize.formats import FORMATS
         with tempfile.TemporaryDirectory() as tmp:
             awq = Path(tmp) / "awq"
-            quantize_model(model, awq, Settings(method="rtn", scheme=Scheme(4, 128, rule="awq"), fmt="awq",
+            quantize_model(model, awq, Settings(method="rtn", scheme=FORMATS["awq"].scheme(4, 128), fmt="awq",
                                                 expert_naming="transformers"))
             try:
                 import defuser

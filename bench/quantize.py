@@ -29,12 +29,13 @@ sys.path.insert(0, sys.argv[5])
 from bench.synthetic import random_blocks
 from mixq.convert import progress
 from mixq.quantize import Scheme, Settings, quantize_model
+from mixq.quantize.formats import FORMATS
 progress.set_quiet(True)
 model, out, method, calib = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 samples, seqlen = map(int, calib.split("x"))
 fmt = "awq" if method == "awq" else "gptq"
-settings = Settings(method=method, scheme=Scheme(4, 128, sym=method == "gptq", rule=fmt), fmt=fmt, batch=8,
-                    desc_act=False, static_groups=False)
+settings = Settings(method=method, scheme=FORMATS[fmt].scheme(4, 128, method == "gptq"), fmt=fmt, batch=8,
+                    act_order=False, static_groups=False)
 if torch.cuda.is_available():
     torch.cuda.reset_peak_memory_stats()
 t = time.perf_counter()

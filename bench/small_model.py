@@ -94,9 +94,10 @@ def main() -> None:
     from mixq.calibration.blocks import evaluation_ids
     from mixq.calibration.fixtures import smollm2_hf
     from mixq.convert import open_checkpoint, progress
-    from mixq.quantize import Scheme, Settings, quantize_model
-    from mixq.quantize.evaluate import make_windows, perplexity
-    from mixq.quantize.repository import read_quantized
+    from mixq.quantize import Settings, quantize_model
+    from mixq.quantize.check.perplexity import make_windows, perplexity
+    from mixq.quantize.check.repository import read_quantized
+    from mixq.quantize.formats import FORMATS
     progress.set_quiet(True)
 
     smol = smollm2_hf("f32")
@@ -127,7 +128,7 @@ def main() -> None:
         blocks = prepare(smol, "kjv", samples=samples, seqlen=seqlen, seed=0, tokenizer=tokenizer)
         calib_file = args.work / f"calib-{method}.json"
         calib_file.write_text(json.dumps(blocks.tokens.tolist()))
-        scheme = Scheme(4, args.group_size, sym=method == "gptq", rule=method)
+        scheme = FORMATS[method].scheme(4, args.group_size, method == "gptq")
         tag = f"{method} {samples}x{seqlen}"
         measure(f"{tag} round-to-nearest", args.work / f"{method}-rtn",
                 mixq(Settings(method="rtn", scheme=scheme, fmt=method)))

@@ -19,6 +19,11 @@ DTYPE_LABELS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf1
 LABEL_DTYPES = {v: k for k, v in DTYPE_LABELS.items()}
 
 
+def torch_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: the spelling of config.json's torch_dtype and of mixq's reports."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _nothing() -> None:
     return None
 
@@ -55,6 +60,17 @@ class Checkpoint:
 
     def release(self, name: str) -> None:
         self.tensors[name].release()
+
+    def layer(self, index: int, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Decoder layer `index`'s tensors by layer-relative name, on `device` (in `dtype` when given), each
+        released from the file cache once copied: the unit the engine and the evaluators stream."""
+        prefix = f"model.layers.{index}."
+        weights = {}
+        for name in self.tensors:
+            if name.startswith(prefix):
+                weights[name[len(prefix):]] = self.get(name).to(device=device, dtype=dtype)
+                self.release(name)
+        return weights
 
     @property
     def total_bytes(self) -> int:

@@ -9,23 +9,21 @@ from pathlib import Path
 import torch
 
 from . import pth_io
-from .checkpoint import Checkpoint, TensorRef, checked_tensors
+from .architecture import canonical_module
+from .checkpoint import DTYPE_LABELS, Checkpoint, TensorRef, checked_tensors, torch_name
 from .errors import MixqError
 from .jsonfile import read_json
-from .names import IGNORED_SUFFIXES, TRANSFORMERS_EXPERT_NAMES
+from .names import IGNORED_SUFFIXES
 from .progress import bar
 from .safetensors_io import DTYPE_NAMES, SafetensorsFile, SafetensorsWriter, tensor_nbytes
 from .spec import ModelSpec, integer, number, per_head
 from .tokenizer import Vocab
 
 HF_CLASSES = {"mixtral": "MixtralForCausalLM", "mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}
-TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 INDEX = "model.safetensors.index.json"
 
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-_ROUTER = re.compile(r"^(model\.layers\.\d+)\.mlp\.gate\.weight$")
-_NAMED_EXPERT = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_FROM_TRANSFORMERS = {v: k for k, v in TRANSFORMERS_EXPERT_NAMES.items()}
+_LAYER_WEIGHT = re.compile(r"^(model\.layers\.\d+\.)(.+)\.weight$")
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -82,7 +80,7 @@ def _first(value):
 
 def config_from_spec(spec: ModelSpec, dtype: torch.dtype, base: dict | None = None) -> dict:
     """config.json for the spec; keys of `base` (the source's config) that the spec does not cover are kept."""
-    dtype_name = TORCH_DTYPE_NAMES.get(dtype, "float32")
+    dtype_name = torch_name(dtype) if dtype in DTYPE_LABELS else "float32"
     config = {
         "architectures": [HF_CLASSES[spec.arch]], "model_type": spec.arch,
         "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
@@ -168,11 +166,8 @@ def read_hf(path: Path) -> Checkpoint:
 
 def _canonical(raw: str, spec: ModelSpec) -> str:
     """Router and expert names of transformers 5 (and defused GPTQModel repos) -> the classic names."""
-    if spec.is_moe:
-        if m := _ROUTER.match(raw):
-            return f"{m[1]}.block_sparse_moe.gate.weight"
-        if m := _NAMED_EXPERT.match(raw):
-            return f"{m[1]}.block_sparse_moe.experts.{m[2]}.{_FROM_TRANSFORMERS[m[3]]}.weight"
+    if spec.is_moe and (m := _LAYER_WEIGHT.match(raw)) and (module := canonical_module(m[2])):
+        return f"{m[1]}{module}.weight"
     return raw
 
 

@@ -7,6 +7,7 @@ layouts use the interleaved order of the original release and are converted by `
 
 from __future__ import annotations
 
+from .architecture import plan
 from .spec import ModelSpec
 
 # (canonical, torrent, gguf)
@@ -46,9 +47,6 @@ EXPERT_TENSORS = (
      "ffn_up_exps.weight", "ffn_up.{E}.weight"),
 )
 
-# canonical expert projection -> the names transformers 5 (defused) and GPTQModel use
-TRANSFORMERS_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-
 # tensors that exist in some checkpoints but carry no weights
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -60,38 +58,16 @@ def layer_prefix(layer: int) -> str:
 
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Every canonical tensor the spec implies, in the order writers emit them."""
-    h, q, kv, ff = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, \
-        spec.intermediate_size
-    layer_shapes = {
-        "input_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q, h),
-        "self_attn.k_proj.weight": (kv, h),
-        "self_attn.v_proj.weight": (kv, h),
-        "self_attn.o_proj.weight": (h, q),
-        "post_attention_layernorm.weight": (h,),
-        "mlp.gate_proj.weight": (ff, h),
-        "mlp.up_proj.weight": (ff, h),
-        "mlp.down_proj.weight": (h, ff),
-        "block_sparse_moe.gate.weight": (spec.num_experts, h),
-        "w1": (ff, h), "w3": (ff, h), "w2": (h, ff),
-    }
-    shapes = {"model.embed_tokens.weight": (spec.vocab_size, h)}
+    """Every canonical tensor the spec implies, in the order writers emit them (shapes from the architecture)."""
+    layer_shapes = plan(spec).tensor_shapes
+    shapes = {"model.embed_tokens.weight": (spec.vocab_size, spec.hidden_size)}
     for layer in range(spec.num_layers):
         p = layer_prefix(layer)
-        for name, _, _ in LAYER_TENSORS:
+        for name, *_ in _layer_table(spec):
             shapes[p + name] = layer_shapes[name]
-        if spec.is_moe:
-            shapes[p + ROUTER_TENSORS[0][0]] = layer_shapes[ROUTER_TENSORS[0][0]]
-            for e in range(spec.num_experts):
-                for name, *_ in EXPERT_TENSORS:
-                    shapes[p + name.format(E=e)] = layer_shapes[name.split(".")[-2]]
-        else:
-            for name, _, _ in DENSE_MLP_TENSORS:
-                shapes[p + name] = layer_shapes[name]
-    shapes["model.norm.weight"] = (h,)
+    shapes["model.norm.weight"] = (spec.hidden_size,)
     if not spec.tie_word_embeddings:
-        shapes["lm_head.weight"] = (spec.vocab_size, h)
+        shapes["lm_head.weight"] = (spec.vocab_size, spec.hidden_size)
     return shapes
 
 

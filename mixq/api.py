@@ -21,7 +21,7 @@ from pathlib import Path
 QUANTIZE_METHODS = ("awq", "gptq", "rtn")
 # the options of each method beyond the shared ones, with their defaults (the CLI's)
 METHOD_OPTIONS = {
-    "gptq": {"sym": True, "damp": 0.01, "desc_act": True, "static_groups": None, "true_sequential": True},
+    "gptq": {"sym": True, "damp": 0.01, "act_order": True, "static_groups": None, "true_sequential": True},
     "awq": {"zero_point": True, "grid": 20, "clip": True, "duo_scaling": True, "router_scaling": True},
     "rtn": {"format": "gptq", "sym": None},
 }
@@ -54,8 +54,8 @@ def prepare_calibration(model, calib: str = "kjv", *, output=None, samples: int 
 def check(model, *, reference=None, eval: str = "shakespeare", eval_method: str = "windows", seqlen: int = 2048,
           max_tokens: int | None = None, prompts=None, max_new_tokens: int = 128, temperature: float = 0.0,
           top_p: float = 1.0, seed: int = 0, eval_batch: int = 4, split: str | None = None,
-          field: str | None = None, device: str = "auto", dtype: str = "auto", output=None, force: bool = False,
-          stream=None) -> dict:
+          field: str | None = None, device: str = "auto", compute_dtype: str = "auto", output=None,
+          force: bool = False, stream=None) -> dict:
     """`mixq check`: perplexity (against `reference` when given, with KL) and sample generations.
 
     `output`: write the report there (refused before the evaluation if it exists, unless `force`); `stream`:
@@ -71,7 +71,8 @@ def check(model, *, reference=None, eval: str = "shakespeare", eval_method: str 
     report = run_check(model, eval_source=eval, reference=reference, method=eval_method, seqlen=seqlen,
                        max_tokens=max_tokens, prompts=None if prompts is None else list(prompts) or None,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                       device=device, dtype=dtype, batch=eval_batch, split=split, text_field=field, stream=stream)
+                       device=device, dtype=compute_dtype, batch=eval_batch, split=split, text_field=field,
+                       stream=stream)
     if output is not None:
         save_report(report, output)
     return report
@@ -84,7 +85,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
              resume: bool = False, force: bool = False, check: bool | dict = False, **options) -> dict:
     """`mixq quantize METHOD MODEL OUT`: an AWQ-GEMM or GPTQ-v1 repository at `out`; returns its report.
 
-    `options` are the method's own (METHOD_OPTIONS: gptq sym, damp, desc_act, static_groups, true_sequential;
+    `options` are the method's own (METHOD_OPTIONS: gptq sym, damp, act_order, static_groups, true_sequential;
     awq zero_point, grid, clip, duo_scaling, router_scaling; rtn format, sym). `check`: True, or a dict of
     `check()`'s keyword arguments, runs the check against `model` afterwards and adds it to the report (the
     evaluation text is resolved before any work).
@@ -93,8 +94,9 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
     from mixq.calibration.sources import load_texts
     from mixq.convert.errors import MixqError
     from mixq.convert.hf import parse_size
-    from mixq.quantize import Scheme, Settings, quantize_model
+    from mixq.quantize import Settings, quantize_model
     from mixq.quantize.check import CHECK_FILE, save_report
+    from mixq.quantize.formats import get_format
     from mixq.quantize.runner import check_inputs  # refuses bits, group size and the output path
     if method not in QUANTIZE_METHODS:
         raise MixqError(f"unknown method {method!r} (choose from {', '.join(QUANTIZE_METHODS)})")
@@ -103,21 +105,19 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
         raise MixqError(f"{method} has no option {sorted(unknown)[0]!r} (its options: "
                         f"{', '.join(METHOD_OPTIONS[method])})")
     o = METHOD_OPTIONS[method] | options
-    fmt = o["format"] if method == "rtn" else method
-    if fmt not in ("awq", "gptq"):
-        raise MixqError(f"unknown format {fmt!r} (choose from gptq, awq)")
+    fmt = get_format(o["format"] if method == "rtn" else method)
     extra = {}
     if method == "gptq":
         sym = o["sym"]
-        extra = {"damp": o["damp"], "desc_act": o["desc_act"], "true_sequential": o["true_sequential"],
-                 "static_groups": o["desc_act"] if o["static_groups"] is None else o["static_groups"]}
+        extra = {"damp": o["damp"], "act_order": o["act_order"], "true_sequential": o["true_sequential"],
+                 "static_groups": o["act_order"] if o["static_groups"] is None else o["static_groups"]}
     elif method == "awq":
         sym = not o["zero_point"]
         extra = {"grid": o["grid"], "clip": o["clip"], "duo_scaling": o["duo_scaling"],
                  "scale_router": o["router_scaling"]}
-    else:  # round-to-nearest: each format's own default rule
-        sym = fmt == "gptq" if o["sym"] is None else o["sym"]
-    settings = Settings(method=method, scheme=Scheme(bits=bits, group_size=group_size, sym=sym, rule=fmt), fmt=fmt,
+    else:  # round-to-nearest: symmetric for GPTQ's consumers, zero point for AWQ's, unless told
+        sym = fmt.name == "gptq" if o["sym"] is None else o["sym"]
+    settings = Settings(method=method, scheme=fmt.scheme(bits, group_size, sym), fmt=fmt.name,
                         expert_naming=expert_naming, device=device, dtype=compute_dtype, batch=batch,
                         shard_size=parse_size(shard_size), **extra)
     check_options = ({} if check is True else dict(check)) if check else None
@@ -132,7 +132,8 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
                          text_field=field, allow_fewer=allow_fewer)
     report = quantize_model(model, out, settings, blocks, force=force, resume=resume)
     if check_options is not None:
-        result = globals()["check"](out, reference=model, device=device, **check_options)
+        result = globals()["check"](out, reference=model, **({"device": device, "compute_dtype": compute_dtype}
+                                                               | check_options))
         save_report(result, Path(out) / CHECK_FILE)
         report["check"] = result
         save_report(report, Path(out) / "report.json")

@@ -17,9 +17,13 @@ import traceback
 import click
 
 from mixq.convert import progress
+from mixq.convert.architecture import EXPERT_NAMINGS
+from mixq.convert.checkpoint import LABEL_DTYPES
 from mixq.convert.errors import MixqError
 from mixq.convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
 from mixq.convert.progress import human_bytes
+from mixq.quantize.device import COMPUTE_DTYPES
+from mixq.quantize.formats import FORMATS
 
 EXIT_INPUT, EXIT_THRESHOLD, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 3, 70, 130
 
@@ -91,6 +95,7 @@ class Size(click.ParamType):
 
 
 SIZE = Size()
+COMPUTE_DTYPE_HELP = "Arithmetic of calibration and evaluation (auto: f32 on a CPU, bf16 on CUDA)."
 
 
 def table(rows: list[tuple[str, object]]) -> str:
@@ -112,7 +117,7 @@ def main():
 @click.option("--to", "to", type=click.Choice(["hf", "torrent", "gguf"]), required=True, help="Target layout.")
 @click.option("--from", "layout", type=click.Choice(["auto", "hf", "torrent", "gguf"]), default="auto",
               show_default=True, help="Source layout (detected by default).")
-@click.option("--dtype", type=click.Choice(["auto", "f32", "f16", "bf16"]), default="auto", show_default=True,
+@click.option("--dtype", type=click.Choice(["auto", *LABEL_DTYPES]), default="auto", show_default=True,
               help="Weights dtype for hf/torrent output; auto keeps the source's.")
 @click.option("--outtype", type=click.Choice(["auto", *GGUF_PY_TYPES, *LLAMA_CPP_TYPES], case_sensitive=False),
               default="auto", show_default=True, help="GGUF tensor type (K-quants need the llama-cpp extra).")
@@ -322,8 +327,8 @@ def _render_check(r: dict) -> str:
               help="The unquantized model: same tokens, perplexity of both, KL divergence.")
 @check_options
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", "compute_dtype", type=click.Choice(["auto", "f32", "f16", "bf16"]), default="auto",
-              show_default=True, help="auto: f32 on CPU, bf16 on CUDA.")
+@click.option("--compute-dtype", "--dtype", "compute_dtype", type=click.Choice(COMPUTE_DTYPES), default="auto",
+              show_default=True, help=COMPUTE_DTYPE_HELP)
 @click.option("-o", "--output", type=click.Path(path_type=str), default=None, help="Write the report (JSON) here.")
 @click.option("--force", is_flag=True, help="Replace the report at --output if it exists.")
 @click.option("--fail-above", type=float, default=None,
@@ -335,8 +340,8 @@ def check_cmd(model, reference, device, compute_dtype, output, force, fail_above
     if fail_above is not None and reference is None:  # a gate with nothing to compare would always pass
         raise click.UsageError("--fail-above needs --reference: the limit is on the increase over the reference's "
                                "perplexity")
-    report = api.check(model, reference=reference, device=device, dtype=compute_dtype, output=output, force=force,
-                       stream=_stream(progress.is_quiet()), **check_kwargs(kwargs))
+    report = api.check(model, reference=reference, device=device, compute_dtype=compute_dtype, output=output,
+                       force=force, stream=_stream(progress.is_quiet()), **check_kwargs(kwargs))
     if not progress.is_quiet() and report["generations"]:
         click.echo("", err=True)
     if fail_above is not None and report.get("delta_percent", 0) > fail_above:
@@ -355,14 +360,13 @@ def engine_options(fn):
         click.option("--bits", default=4, show_default=True, help="Bits per weight."),
         click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True,
                      help="Weights per quantization group (must divide every linear's input size)."),
-        click.option("--expert-naming", type=click.Choice(["classic", "transformers"]), default="classic",
+        click.option("--expert-naming", type=click.Choice(EXPERT_NAMINGS), default="classic",
                      show_default=True,
                      help="Mixtral expert keys: classic block_sparse_moe.experts.E.w1/w2/w3 (vLLM, TGI) or "
                           "transformers mlp.experts.E.gate_proj/up_proj/down_proj (transformers 5 + GPTQModel)."),
         click.option("--device", default="auto", show_default=True, help="cuda, cuda:N or cpu (auto: CUDA if any)."),
-        click.option("--compute-dtype", "compute_dtype", type=click.Choice(["auto", "f32", "f16", "bf16"]),
-                     default="auto", show_default=True, help="Calibration arithmetic (auto: f32 on CPU, the "
-                                                             "model's 16-bit type on CUDA)."),
+        click.option("--compute-dtype", "compute_dtype", type=click.Choice(COMPUTE_DTYPES), default="auto",
+                     show_default=True, help=COMPUTE_DTYPE_HELP),
         click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
                      help="Calibration blocks per forward pass."),
         click.option("--shard-size", type=SIZE, default="5GB", show_default=True, help="Largest safetensors shard."),
@@ -380,10 +384,9 @@ def engine_options(fn):
 def _run_quantize(method, model, out, kwargs, **options):
     """The options every method shares, from click's values, then mixq.api.quantize."""
     from mixq import api
-    from mixq.quantize.runner import bits_problem
-    fmt = options.get("format", method)
-    if bits_problem(fmt, kwargs["bits"]):  # a usage error, before any work
-        raise click.BadParameter(bits_problem(fmt, kwargs["bits"]), param_hint="'--bits'")
+    problem = FORMATS[options.get("format", method)].bits_problem(kwargs["bits"])
+    if problem:  # a usage error, before any work
+        raise click.BadParameter(problem, param_hint="'--bits'")
     checking = kwargs.pop("run_check")
     check = check_kwargs(kwargs)
     shared = {k: kwargs.pop(k) for k in ("bits", "group_size", "expert_naming", "device", "compute_dtype", "batch",
@@ -424,7 +427,7 @@ def quantize_group():
 @click.argument("model", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
 @engine_options
-@click.option("--format", "fmt", type=click.Choice(["gptq", "awq"]), default="gptq", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="gptq", show_default=True,
               help="Output format (and the min/max rule of its consumers).")
 @click.option("--sym/--asym", default=None, help="Symmetric or zero-point groups (default: sym for gptq, "
                                                   "asym for awq).")
@@ -442,17 +445,17 @@ def quantize_rtn(model, out, fmt, sym, **kwargs):
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or zero-point groups.")
 @click.option("--damp", type=click.FloatRange(min=0, max=1, min_open=True), default=0.01, show_default=True,
               help="Dampening, a fraction of the Hessian's mean diagonal (raised on Cholesky failure).")
-@click.option("--desc-act/--no-desc-act", default=True, show_default=True,
-              help="Quantize columns in order of decreasing activation (act-order).")
+@click.option("--act-order/--no-act-order", "--desc-act/--no-desc-act", "act_order", default=True, show_default=True,
+              help="Quantize columns in order of decreasing activation (AutoGPTQ's desc_act).")
 @click.option("--static-groups/--no-static-groups", default=None,
-              help="Fix each group's parameters before the sweep (default: on with --desc-act): g_idx then stays "
+              help="Fix each group's parameters before the sweep (default: on with --act-order): g_idx then stays "
                    "in column order and every kernel, TGI's tensor-parallel ones included, reads the output.")
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="Calibrate each stage of a layer on the outputs of the stages already quantized.")
 @command
-def quantize_gptq(model, out, sym, damp, desc_act, static_groups, true_sequential, **kwargs):
+def quantize_gptq(model, out, sym, damp, act_order, static_groups, true_sequential, **kwargs):
     """GPTQ, 4-bit group 128 by default, written in the GPTQ v1 format vLLM, TGI and transformers load."""
-    return _run_quantize("gptq", model, out, kwargs, sym=sym, damp=damp, desc_act=desc_act,
+    return _run_quantize("gptq", model, out, kwargs, sym=sym, damp=damp, act_order=act_order,
                          static_groups=static_groups, true_sequential=true_sequential)
 
 
@@ -488,7 +491,7 @@ def quantize_awq(model, out, zero_point, packing, grid, no_clip, duo_scaling, no
 def card_cmd(repo, base_model, license_id):
     """Write REPO/README.md (a model card) from the repository's config, report and check results. REPO is an
     AWQ or GPTQ repository, or a folder of GGUF files."""
-    from mixq.quantize.card import write_card
+    from mixq.quantize.release.card import write_card
     path = write_card(repo, base_model, license_id)
     return {"card": str(path)}, lambda r: f"wrote {r['card']}"
 
@@ -498,7 +501,7 @@ def card_cmd(repo, base_model, license_id):
 @command
 def report_cmd(folder):
     """Summarise the checked artifacts under FOLDER (a release): perplexity against the reference, size."""
-    from mixq.quantize.publish import release_summary
+    from mixq.quantize.release.summary import release_summary
     rows = release_summary(folder)
 
     def render(rs):

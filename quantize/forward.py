@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mixq.convert.architecture import expert_modules
 from mixq.convert.spec import ModelSpec
 
 Weights = dict[str, torch.Tensor]
@@ -83,11 +84,6 @@ def expert_forward(h: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
     return (F.silu(h @ w1.T) * (h @ w3.T)) @ w2.T
 
 
-def expert_names(e: int) -> tuple[str, str, str]:
-    p = f"block_sparse_moe.experts.{e}."
-    return p + "w1.weight", p + "w3.weight", p + "w2.weight"
-
-
 def route(h: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """transformers' Mixtral routing: softmax in fp32, top-k, renormalised; returns (logits, weights, experts)."""
     logits = h @ router.T
@@ -107,7 +103,7 @@ def moe_forward(h: torch.Tensor, w: Weights, spec: ModelSpec, counts: torch.Tens
             counts[e] += token.numel()
         if token.numel() == 0:
             continue
-        w1, w3, w2 = (w[n] for n in expert_names(e))
+        w1, w3, w2 = (w[f"{n}.weight"] for n in expert_modules(e))
         y = expert_forward(h[token], w1, w3, w2) * weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out

@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 
 from mixq.convert import open_checkpoint
+from mixq.convert.architecture import plan
 from mixq.convert.errors import MixqError
 from mixq.convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
 
-from .model import linears, shape
-from .runner import FORMAT_BITS, bits_problem
+from .formats import FORMATS
 
 # bits per weight of each GGUF type, as llama.cpp's quantize tool lists them (K-quant mixes: their average)
 GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0,
@@ -36,10 +36,10 @@ def preflight(model: str | Path, out: str | Path, methods=(), outtypes=(), calib
     out = Path(out)
     ckpt = open_checkpoint(model)
     for method in methods:
-        if method not in FORMAT_BITS:
-            raise MixqError(f"unknown quantization method {method!r} (choose from {', '.join(FORMAT_BITS)})")
-        if bits_problem(method, bits):
-            raise MixqError(f"--bits {bits_problem(method, bits)}")
+        if method not in FORMATS:
+            raise MixqError(f"unknown quantization method {method!r} (choose from {', '.join(FORMATS)})")
+        if FORMATS[method].bits_problem(bits):
+            raise MixqError(f"--bits {FORMATS[method].bits_problem(bits)}")
         if ckpt.layout != "hf":
             raise MixqError(f"{model}: quantization reads Hugging Face checkpoints, this is {ckpt.layout}")
     unknown = [t for t in outtypes if t not in GGUF_BITS]
@@ -74,7 +74,7 @@ def _bytes_needed(ckpt, out: Path, methods, outtypes, bits: int, group_size: int
     """Finished outputs plus the largest transient one: a quantization's work folder holds every layer
     beside the repository it assembles; a K-quant first writes a 16-bit GGUF."""
     spec = ckpt.spec
-    quantized = spec.num_layers * sum(math.prod(shape(spec, m)) for m in linears(spec))
+    quantized = spec.num_layers * sum(math.prod(lin.shape) for lin in plan(spec).linears)
     weights = sum(math.prod(ref.shape) for ref in ckpt.tensors.values())
     repo = (quantized * (bits + 16 / group_size + bits / group_size) + (weights - quantized) * 16) / 8
     total, transient = 0.0, 0.0

@@ -1,10 +1,10 @@
 """Group-wise integer quantization: the scheme, the per-group parameters, round-to-nearest.
 
-Two rules for the parameters of a group, each matching the format its consumers were written for:
-- "gptq" (AutoGPTQ's Quantizer): 0 is kept inside the range; symmetric zero = 2^(bits-1). The GPTQ v1 format stores
-  zero - 1, which most kernels cannot decode for zero = 0, so an asymmetric group that would get zero 0 gets
-  zero 1 and a scale that still reaches its maximum.
-- "awq" (AutoAWQ's pseudo_quantize_tensor): raw min/max, scale = (max - min) / maxq, zero = -round(min / scale).
+Two rules for the parameters of a group, each matching the kernels of the format that names it (formats.py):
+- "zero-in-range" (AutoGPTQ's Quantizer): 0 is kept inside the range; symmetric zero = 2^(bits-1). The GPTQ v1
+  format stores zero - 1, which most kernels cannot decode for zero = 0, so an asymmetric group that would get
+  zero 0 gets zero 1 and a scale that still reaches its maximum.
+- "min-max" (AutoAWQ's pseudo_quantize_tensor): raw min/max, scale = (max - min) / maxq, zero = -round(min / scale).
 Scales are rounded to fp16 before the codes are computed, so the codes are exact for the scales the files store.
 """
 
@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 FP16_TINY = 2.0 ** -24  # the smallest positive fp16 (subnormal)
+RULES = ("zero-in-range", "min-max")
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class Scheme:
     bits: int = 4
     group_size: int = 128
     sym: bool = False
-    rule: str = "gptq"          # "gptq" or "awq"
+    rule: str = "zero-in-range"     # or "min-max": how a group's range becomes scale and zero (see above)
 
     @property
     def maxq(self) -> int:
@@ -49,7 +50,9 @@ def group_params(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.T
     """(scale, zero) per row of w [rows, group]; scale float32 holding fp16 values, zero float32 integers."""
     maxq = scheme.maxq
     w = w.float()
-    if scheme.rule == "awq":
+    if scheme.rule not in RULES:
+        raise ValueError(f"unknown range rule {scheme.rule!r} (choose from {', '.join(RULES)})")
+    if scheme.rule == "min-max":
         if scheme.sym:  # AutoAWQ without zero point: q in [-2^(b-1), 2^(b-1)-1], stored with zero 2^(b-1)
             scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / (2 ** (scheme.bits - 1) - 1)
             scale = _fp16(scale)

@@ -14,25 +14,25 @@ from pathlib import Path
 import torch
 
 from mixq.convert import open_checkpoint
-from mixq.convert.checkpoint import Checkpoint
+from mixq.convert.architecture import EXPERT_NAMINGS, plan, spelled
+from mixq.convert.checkpoint import Checkpoint, torch_name
 from mixq.convert.errors import MixqError
 from mixq.convert.hf import (
-    INDEX,
     config_from_spec,
     generation_config,
-    shard_names,
-    shard_plan,
     write_json,
+    write_safetensors_shards,
     write_tokenizer_files,
 )
 from mixq.convert.output import claim, refuse_existing, refuse_overlap, replace_path, staged_file, write_file
 from mixq.convert.progress import bar, note
-from mixq.convert.safetensors_io import SafetensorsFile, SafetensorsWriter, tensor_nbytes
+from mixq.convert.safetensors_io import SafetensorsFile, SafetensorsWriter
 from mixq.convert.spec import ModelSpec
 
-from . import model as arch
-from .formats import PACKERS, packed_shapes
+from .device import compute_dtype, pick_device
+from .formats import Format, get_format
 from .forward import Rotary, decoder_layer
+from .methods import layer_method
 from .quantizer import QuantizedWeight, Scheme
 
 EXPERT_STATISTICS = {
@@ -47,10 +47,10 @@ STATE = "state.json"
 class Settings:
     method: str                          # "rtn" | "gptq" | "awq"
     scheme: Scheme
-    fmt: str                             # "gptq" | "awq": the output format
+    fmt: str                             # "gptq" | "awq": the output format (formats.FORMATS)
     expert_naming: str = "classic"
     damp: float = 0.01                   # GPTQ
-    desc_act: bool = True
+    act_order: bool = True               # columns in order of decreasing Hessian diagonal (desc_act in the config)
     static_groups: bool = True
     true_sequential: bool = True
     block_size: int = 128
@@ -62,6 +62,10 @@ class Settings:
     dtype: str = "auto"
     batch: int = 8                       # calibration samples per forward chunk
     shard_size: int = 5_000_000_000
+
+    @property
+    def format(self) -> Format:
+        return get_format(self.fmt)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -92,63 +96,17 @@ class LayerContext:
         return self.weights[f"{module}.weight"]
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MixqError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def pick_dtype(name: str, device: torch.device, ckpt: Checkpoint) -> torch.dtype:
-    if name != "auto":
-        return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
-    if device.type == "cpu":
-        return torch.float32
-    main = ckpt.main_dtype()
-    return main if main in (torch.float16, torch.bfloat16) else torch.bfloat16
-
-
-FORMAT_BITS = {"awq": (4,), "gptq": (2, 4, 8)}  # what each format's kernels unpack
-
-
-def bits_problem(fmt: str, bits) -> str | None:
-    """Why `bits` cannot be stored in format `fmt`, or None when it can."""
-    if bits in FORMAT_BITS[fmt] and not isinstance(bits, bool):
-        return None
-    return f"{bits!r}: the {fmt.upper()} format holds {' or '.join(map(str, FORMAT_BITS[fmt]))}-bit weights"
-
-
 def validate(spec: ModelSpec, settings: Settings) -> None:
-    scheme = settings.scheme
-    if bits_problem(settings.fmt, scheme.bits):
-        raise MixqError(f"--bits {bits_problem(settings.fmt, scheme.bits)}")
+    fmt, scheme = settings.format, settings.scheme
+    if fmt.bits_problem(scheme.bits):
+        raise MixqError(f"--bits {fmt.bits_problem(scheme.bits)}")
     if scheme.group_size <= 0:
         raise MixqError(f"--group-size {scheme.group_size}: must be positive")
-    if settings.expert_naming not in arch.EXPERT_NAMINGS:
-        raise MixqError(f"unknown expert naming {settings.expert_naming!r} (choose from "
-                        f"{', '.join(arch.EXPERT_NAMINGS)})")
-    per = 32 // scheme.bits
-    for module in arch.linears(spec):
-        out_features, in_features = arch.shape(spec, module)
-        if in_features % scheme.group_size:
-            raise MixqError(f"model.layers.0.{module}: in_features {in_features} is not a multiple of "
-                            f"--group-size {scheme.group_size} (the {settings.fmt.upper()} format's consumers "
-                            f"require whole groups; nothing is padded)")
-        if out_features % (8 if settings.fmt == "awq" else per):
-            raise MixqError(f"model.layers.0.{module}: out_features {out_features} cannot be packed "
-                            f"{8 if settings.fmt == 'awq' else per} to a 32-bit word")
-
-
-def load_layer(ckpt: Checkpoint, layer: int, device, dtype) -> dict[str, torch.Tensor]:
-    prefix = f"model.layers.{layer}."
-    weights = {}
-    for name in ckpt.tensors:
-        if name.startswith(prefix):
-            weights[name[len(prefix):]] = ckpt.get(name).to(device=device, dtype=dtype)
-            ckpt.release(name)
-    return weights
+    if settings.expert_naming not in EXPERT_NAMINGS:
+        raise MixqError(f"unknown expert naming {settings.expert_naming!r} (choose from {', '.join(EXPERT_NAMINGS)})")
+    for lin in plan(spec).linears:
+        if problem := fmt.layout_problem(lin.shape, scheme):
+            raise MixqError(f"model.layers.0.{lin.module}: {problem}")
 
 
 def layer_outputs(ctx: LayerContext, weights: dict[str, torch.Tensor], counts: torch.Tensor | None = None,
@@ -165,18 +123,6 @@ def layer_outputs(ctx: LayerContext, weights: dict[str, torch.Tensor], counts: t
             ref_norm += float((y_ref - ctx.x[chunk]).float().pow(2).sum())
         out[chunk] = y
     return out, (math.sqrt(err / ref_norm) if ref_norm else 0.0)
-
-
-def _method(name: str):
-    if name == "rtn":
-        from .rtn_method import quantize_layer
-    elif name == "gptq":
-        from .gptq_method import quantize_layer
-    elif name == "awq":
-        from .awq import quantize_layer
-    else:
-        raise MixqError(f"unknown method {name!r}")
-    return quantize_layer
 
 
 class Work:
@@ -260,7 +206,7 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
               started: float) -> dict:
     spec = ckpt.spec
     device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device, ckpt)
+    dtype = compute_dtype(settings.dtype, device)
     work = Work(out)
     calibration = dict(blocks.provenance) if blocks is not None else None
     key = {"settings": settings.fingerprint(), "model": str(model.resolve()),
@@ -286,12 +232,12 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
             ckpt.release("model.embed_tokens.weight")
         else:
             x = work.hidden(device)
-    quantize_layer = _method(settings.method)
+    quantize_layer = layer_method(settings.method)
     with bar(total=spec.num_layers, initial=state["next_layer"], desc=f"{settings.method} layers",
              unit="layer") as pbar:
         for layer in range(state["next_layer"], spec.num_layers):
             t0 = time.perf_counter()
-            weights = load_layer(ckpt, layer, device, dtype)
+            weights = ckpt.layer(layer, device, dtype)
             original = dict(weights) if x is not None else None
             ctx = LayerContext(layer, spec, weights, x, rope, settings)
             quantized = quantize_layer(ctx)
@@ -319,17 +265,16 @@ def _write_layer(path: Path, layer: int, spec: ModelSpec, quantized: dict[str, Q
                  weights: dict[str, torch.Tensor], settings: Settings) -> None:
     tensors = {}
     prefix = f"model.layers.{layer}."
-    pack = PACKERS[settings.fmt]
-    for module in arch.linears(spec):
-        name = prefix + arch.output_name(module, settings.expert_naming)
-        for suffix, tensor in pack(quantized[module], settings.scheme).items():
+    layer_plan = plan(spec)
+    for module in layer_plan.modules:
+        name = prefix + spelled(module, settings.expert_naming)
+        for suffix, tensor in settings.format.pack(quantized[module], settings.scheme).items():
             tensors[f"{name}.{suffix}"] = tensor.cpu()
-    for weight in arch.unquantized(spec):
-        module = weight[: -len(".weight")]
-        tensors[f"{prefix}{arch.output_name(module, settings.expert_naming)}.weight"] = \
+    for weight in layer_plan.unquantized:
+        tensors[prefix + spelled(weight.removesuffix(".weight"), settings.expert_naming) + ".weight"] = \
             weights[weight].to(OUTPUT_DTYPE).cpu()
-    plan = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
-    with staged_file(path) as tmp, SafetensorsWriter(tmp, plan) as writer:
+    entries = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    with staged_file(path) as tmp, SafetensorsWriter(tmp, entries) as writer:
         for name, tensor in tensors.items():
             writer.write(name, tensor.contiguous())
 
@@ -337,37 +282,21 @@ def _write_layer(path: Path, layer: int, spec: ModelSpec, quantized: dict[str, Q
 def output_plan(spec: ModelSpec, settings: Settings) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """Every tensor of the output repository, in order, with shape and dtype."""
     h, v = spec.hidden_size, spec.vocab_size
-    plan = [("model.embed_tokens.weight", (v, h), OUTPUT_DTYPE)]
+    layer_plan = plan(spec)
+    entries = [("model.embed_tokens.weight", (v, h), OUTPUT_DTYPE)]
     for layer in range(spec.num_layers):
         prefix = f"model.layers.{layer}."
-        for module in arch.linears(spec):
-            name = prefix + arch.output_name(module, settings.expert_naming)
-            out_features, in_features = arch.shape(spec, module)
-            for suffix, (shape, dtype) in packed_shapes(settings.fmt, out_features, in_features,
-                                                        settings.scheme).items():
-                plan.append((f"{name}.{suffix}", shape, dtype))
-        for weight in arch.unquantized(spec):
-            module = weight[: -len(".weight")]
-            shape = (spec.num_experts, h) if module == arch.ROUTER else (h,)
-            plan.append((f"{prefix}{arch.output_name(module, settings.expert_naming)}.weight", shape, OUTPUT_DTYPE))
-    plan.append(("model.norm.weight", (h,), OUTPUT_DTYPE))
+        for lin in layer_plan.linears:
+            name = prefix + spelled(lin.module, settings.expert_naming)
+            for suffix, (shape, dtype) in settings.format.shapes(*lin.shape, settings.scheme).items():
+                entries.append((f"{name}.{suffix}", shape, dtype))
+        for weight in layer_plan.unquantized:
+            name = prefix + spelled(weight.removesuffix(".weight"), settings.expert_naming) + ".weight"
+            entries.append((name, layer_plan.tensor_shapes[weight], OUTPUT_DTYPE))
+    entries.append(("model.norm.weight", (h,), OUTPUT_DTYPE))
     if not spec.tie_word_embeddings:
-        plan.append(("lm_head.weight", (v, h), OUTPUT_DTYPE))
-    return plan
-
-
-def quantization_config(settings: Settings, spec: ModelSpec) -> dict:
-    s = settings.scheme
-    if settings.fmt == "awq":
-        return {"quant_method": "awq", "zero_point": not s.sym, "group_size": s.group_size, "bits": s.bits,
-                "version": "gemm", "modules_to_not_convert": ["gate"] if spec.is_moe else None}
-    # act-order with static groups leaves g_idx in column order: to a kernel that is the plain layout
-    return {"bits": s.bits, "group_size": s.group_size, "damp_percent": settings.damp,
-            "desc_act": settings.desc_act and not settings.static_groups, "static_groups": settings.static_groups,
-            "sym": s.sym,
-            "true_sequential": settings.true_sequential, "model_name_or_path": None,
-            "model_file_base_name": "model", "quant_method": "gptq", "checkpoint_format": "gptq",
-            "modules_to_not_convert": ["gate"] if spec.is_moe else None}
+        entries.append(("lm_head.weight", (v, h), OUTPUT_DTYPE))
+    return entries
 
 
 def _finish(ckpt: Checkpoint, out: Path, work: Work, settings: Settings, state: dict, calibration: dict | None,
@@ -377,7 +306,6 @@ def _finish(ckpt: Checkpoint, out: Path, work: Work, settings: Settings, state: 
     final = work.path / "repo"
     shutil.rmtree(final, ignore_errors=True)
     final.mkdir()
-    plan = output_plan(spec, settings)
     layer_files: dict[int, SafetensorsFile] = {}
 
     def produce(name: str) -> torch.Tensor:
@@ -386,33 +314,23 @@ def _finish(ckpt: Checkpoint, out: Path, work: Work, settings: Settings, state: 
             if layer not in layer_files:
                 layer_files.clear()
                 layer_files[layer] = SafetensorsFile(work.layer_file(layer))
-            return layer_files[layer].get(name)
-        tensor = ckpt.get(name).to(OUTPUT_DTYPE)
+            return layer_files[layer].get(name).contiguous()
+        tensor = ckpt.get(name).to(OUTPUT_DTYPE).contiguous()
         ckpt.release(name)
         return tensor
 
-    shards = shard_plan(plan, settings.shard_size)
-    names = shard_names(len(shards))
-    weight_map = {}
-    for shard, file_name in zip(shards, names):
-        with SafetensorsWriter(final / file_name, shard) as writer:
-            for name, _, _ in shard:
-                writer.write(name, produce(name).contiguous())
-                weight_map[name] = file_name
-    if len(shards) > 1:
-        write_json(final / INDEX, {"metadata": {"total_size": sum(tensor_nbytes(s, d) for _, s, d in plan)},
-                                   "weight_map": dict(sorted(weight_map.items()))})
+    write_safetensors_shards(final, output_plan(spec, settings), produce, settings.shard_size, desc="assembling")
     config = config_from_spec(spec, OUTPUT_DTYPE, ckpt.source_config)
-    config["quantization_config"] = quantization_config(settings, spec)
+    config["quantization_config"] = settings.format.quantization_config(settings, spec.is_moe)
     write_json(final / "config.json", config)
-    if settings.fmt == "gptq":
-        write_json(final / "quantize_config.json", config["quantization_config"])
+    for name in settings.format.extra_files:
+        write_json(final / name, config["quantization_config"])
     write_json(final / "generation_config.json", ckpt.generation_config or generation_config(spec))
     write_tokenizer_files(final, ckpt.vocab)
     report = {
         "method": settings.method, "format": settings.fmt, "settings": settings.as_dict(),
         "model": str(ckpt.path), "architecture": spec.arch, "calibration": calibration,
-        "device": str(device), "compute_dtype": str(dtype).replace("torch.", ""),
+        "device": str(device), "compute_dtype": torch_name(dtype),
         "layers": state["layers"], "files": sorted(p.name for p in final.iterdir()),
         "bytes": sum(p.stat().st_size for p in final.iterdir() if p.is_file()),
     }

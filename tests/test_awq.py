@@ -9,13 +9,12 @@ import torch
 
 from mixq.calibration import prepare
 from mixq.convert import open_checkpoint
-from mixq.quantize import Scheme, Settings, quantize_model
-from mixq.quantize.awq import apply_scales
-from mixq.quantize.formats import pack_awq
+from mixq.quantize import Settings, quantize_model
+from mixq.quantize.awq_search import apply_scales
+from mixq.quantize.check.repository import read_quantized
+from mixq.quantize.formats import FORMATS
 from mixq.quantize.forward import Rotary, decoder_layer, rms_norm, route
 from mixq.quantize.quantizer import rtn
-from mixq.quantize.repository import read_quantized
-from mixq.quantize.runner import load_layer
 from tests.test_quantize_engine import TOKENS, assert_consumer_agrees, forward_logits, run_consumer, tiny_hf
 
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]   # where output column 8c + j sits among a word's nibbles
@@ -41,9 +40,9 @@ def unpack_awq_from_spec(qweight, qzeros, scales, group):
 def test_gemm_format_against_spec_unpacker(sym):
     torch.manual_seed(0)
     w = torch.randn(24, 64) * torch.linspace(0.2, 2, 64)
-    scheme = Scheme(4, 32, sym=sym, rule="awq")
+    scheme = FORMATS["awq"].scheme(4, 32, sym)
     qw = rtn(w, scheme)
-    packed = pack_awq(qw, scheme)
+    packed = FORMATS["awq"].pack(qw, scheme)
     assert packed["qweight"].shape == (64, 3) and packed["qzeros"].shape == (2, 3)
     assert packed["scales"].shape == (2, 24) and packed["scales"].dtype == torch.float16
     assert torch.equal(unpack_awq_from_spec(packed["qweight"], packed["qzeros"], packed["scales"], 32).float(),
@@ -55,7 +54,7 @@ def test_gemm_format_against_spec_unpacker(sym):
 def test_awq_layer_files_unpack_to_what_the_engine_used(tmp_path):
     hf = tiny_hf(tmp_path)
     blocks = prepare(hf, "kjv", samples=4, seqlen=32)
-    settings = Settings(method="awq", scheme=Scheme(4, 128, rule="awq"), fmt="awq")
+    settings = Settings(method="awq", scheme=FORMATS["awq"].scheme(4, 128), fmt="awq")
     report = quantize_model(hf, tmp_path / "q", settings, blocks)
     from safetensors import safe_open
     with safe_open(tmp_path / "q/model.safetensors", "pt") as f:
@@ -74,7 +73,7 @@ def test_scale_invariance(tmp_path, arch):
     hf = tiny_hf(tmp_path, arch, heads=4, kv_heads=4)  # MHA, so o is scaled after v too
     ckpt = open_checkpoint(hf)
     spec = ckpt.spec
-    weights = load_layer(ckpt, 0, "cpu", torch.float64)
+    weights = ckpt.layer(0, "cpu", torch.float64)
     x = torch.randn(2, 16, spec.hidden_size, dtype=torch.float64)
     rope = Rotary.build(spec, 16, "cpu", torch.float64)
     expected = decoder_layer(x, weights, spec, rope)
@@ -102,7 +101,7 @@ def test_scale_invariance(tmp_path, arch):
 def test_transformers_and_gptqmodel_load_the_awq_mixtral(tmp_path):
     hf = tiny_hf(tmp_path)
     blocks = prepare(hf, "kjv", samples=8, seqlen=64)
-    settings = Settings(method="awq", scheme=Scheme(4, 128, rule="awq"), fmt="awq", expert_naming="transformers")
+    settings = Settings(method="awq", scheme=FORMATS["awq"].scheme(4, 128), fmt="awq", expert_naming="transformers")
     quantize_model(hf, tmp_path / "q", settings, blocks)
     expected = forward_logits(read_quantized(tmp_path / "q"), TOKENS)
     assert_consumer_agrees(run_consumer(tmp_path / "q", TOKENS), expected)

@@ -12,8 +12,9 @@ from mixq.calibration.blocks import evaluation_ids
 from mixq.convert import MixqError
 from mixq.quantize import Scheme, Settings, quantize_model
 from mixq.quantize.check import open_any, run_check
-from mixq.quantize.evaluate import make_windows, perplexity
-from mixq.quantize.generate import LoadedModel, generate, prompt_ids
+from mixq.quantize.check.generate import LoadedModel, generate, prompt_ids
+from mixq.quantize.check.perplexity import make_windows, perplexity
+from mixq.quantize.formats import FORMATS
 from tests.test_quantize_engine import tiny_hf
 
 SEQLEN = 128
@@ -106,7 +107,7 @@ def test_quantized_repositories(tmp_path, fmt):
     from transformers import AutoModelForCausalLM
     hf = tiny_hf(tmp_path, hidden_dim=128, layers=1)
     blocks = prepare(hf, "kjv", samples=2, seqlen=32)
-    settings = Settings(method=fmt, scheme=Scheme(4, 128, rule=fmt), fmt=fmt)
+    settings = Settings(method=fmt, scheme=FORMATS[fmt].scheme(4, 128), fmt=fmt)
     quantize_model(hf, tmp_path / "q", settings, blocks)
     tokenizer = load_tokenizer(tmp_path / "q")
     ids, _ = evaluation_ids(tokenizer, "shakespeare")

@@ -46,3 +46,35 @@ def test_the_readme_api_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "mixtral-gptq" / "config.json").is_file() and (tmp_path / "mixtral-hf").is_dir()
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The mixq modules a source file imports, relative imports resolved against its package."""
+    import ast
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module) if p)
+            found |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return {m for m in found if m.startswith("mixq.")}
+
+
+def test_check_and_release_stand_apart_from_the_engine():
+    """The engine (runner, methods, solvers, formats) never imports the check or the release modules, and they
+    never import the engine's layer streaming: each can change without the other."""
+    modules = {}
+    for path in (ROOT / "quantize").rglob("*.py"):
+        parts = path.relative_to(ROOT / "quantize").with_suffix("").parts
+        name = ".".join(("mixq.quantize",) + parts).removesuffix(".__init__")
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        modules[name] = _imports(path, package)
+    side = ("mixq.quantize.check", "mixq.quantize.release")
+    engine = ("mixq.quantize.runner", "mixq.quantize.methods", "mixq.quantize.gptq_solver", "mixq.quantize.awq_search",
+              "mixq.quantize.preflight")
+    assert len(modules) > 15 and any(m.startswith(side[0]) for m in modules)
+    for name, imported in modules.items():
+        banned = engine if name.startswith(side) else side if name != "mixq.quantize" else ()
+        assert not {m for m in imported if m.startswith(banned)}, (name, imported)

@@ -15,11 +15,11 @@ from mixq.calibration import Blocks, prepare
 from mixq.convert import convert_checkpoint, open_checkpoint
 from mixq.convert.errors import MixqError
 from mixq.quantize import Scheme, Settings, quantize_model
-from mixq.quantize.formats import pack_gptq
+from mixq.quantize.check.repository import read_quantized
+from mixq.quantize.formats import FORMATS
 from mixq.quantize.forward import Rotary, decoder_layer, rms_norm
-from mixq.quantize.gptq import Hessian, gptq_quantize
+from mixq.quantize.gptq_solver import Hessian, gptq_quantize
 from mixq.quantize.quantizer import rtn
-from mixq.quantize.repository import read_quantized
 from tests.models import native_state, tiny_params, write_torrent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ def test_gptq_format_against_spec_unpacker(sym, act_order, static):
     hessian.add(x)
     scheme = Scheme(4, 16, sym=sym)
     result = gptq_quantize(w, hessian.value(), scheme, act_order=act_order, static_groups=static)
-    packed = pack_gptq(result.weight, scheme)
+    packed = FORMATS["gptq"].pack(result.weight, scheme)
     assert packed["qweight"].shape == (8, 16) and packed["qzeros"].shape == (4, 2)
     assert packed["scales"].dtype == torch.float16 and packed["g_idx"].dtype == torch.int32
     unpacked = unpack_gptq_from_spec(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], 4)

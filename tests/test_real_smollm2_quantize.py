@@ -11,8 +11,9 @@ from mixq.calibration.blocks import evaluation_ids
 from mixq.calibration.fixtures import smollm2_hf
 from mixq.convert import open_checkpoint
 from mixq.quantize import Scheme, Settings, quantize_model
-from mixq.quantize.evaluate import make_windows, perplexity
-from mixq.quantize.repository import read_quantized
+from mixq.quantize.check.perplexity import make_windows, perplexity
+from mixq.quantize.check.repository import read_quantized
+from mixq.quantize.formats import FORMATS
 from tests.test_quantize_engine import assert_consumer_agrees, forward_logits, run_consumer
 
 pytestmark = pytest.mark.slow
@@ -87,7 +88,7 @@ def test_report_states_settings(results):
     get, calibration = results
     repo, _ = get("gptq-sym", Settings(method="gptq", scheme=Scheme(4, GROUP, sym=True), fmt="gptq"), calibration)
     report = json.loads((repo / "report.json").read_text())
-    assert report["settings"]["scheme"]["group_size"] == GROUP and report["settings"]["desc_act"] is True
+    assert report["settings"]["scheme"]["group_size"] == GROUP and report["settings"]["act_order"] is True
     assert report["calibration"]["source"] == "kjv" and report["calibration"]["tokens"] == 16 * 512
 
 
@@ -98,14 +99,14 @@ def awq_calibration(smol, tokenizer):
 
 def test_awq_beats_asymmetric_round_to_nearest(results, baseline, awq_calibration):
     get, _ = results
-    _, rtn = get("rtn-asym", Settings(method="rtn", scheme=Scheme(4, GROUP, sym=False, rule="awq"), fmt="awq"))
-    _, awq = get("awq", Settings(method="awq", scheme=Scheme(4, GROUP, rule="awq"), fmt="awq"), awq_calibration)
+    _, rtn = get("rtn-asym", Settings(method="rtn", scheme=FORMATS["awq"].scheme(4, GROUP, False), fmt="awq"))
+    _, awq = get("awq", Settings(method="awq", scheme=FORMATS["awq"].scheme(4, GROUP), fmt="awq"), awq_calibration)
     assert (awq - baseline) <= 0.75 * (rtn - baseline), (baseline, rtn, awq)
 
 
 def test_consumer_loads_the_awq_smollm2(results, awq_calibration):
     get, _ = results
-    repo, _ = get("awq", Settings(method="awq", scheme=Scheme(4, GROUP, rule="awq"), fmt="awq"), awq_calibration)
+    repo, _ = get("awq", Settings(method="awq", scheme=FORMATS["awq"].scheme(4, GROUP), fmt="awq"), awq_calibration)
     tokens = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 28, 7018, 411, 407, 9224, 2]
     expected = forward_logits(read_quantized(repo), tokens)
     assert_consumer_agrees(run_consumer(repo, tokens), expected)
@@ -140,7 +141,7 @@ def test_router_rescaling_beats_autoawqs_recipe(tmp_path, smol, tokenizer, windo
     short = make_windows(windows.tokens.flatten().tolist(), 512, max_tokens=4 * 512)
     result = {}
     for rescale in (True, False):
-        settings = Settings(method="awq", scheme=Scheme(4, GROUP, rule="awq"), fmt="awq", scale_router=rescale,
+        settings = Settings(method="awq", scheme=FORMATS["awq"].scheme(4, GROUP), fmt="awq", scale_router=rescale,
                             grid=10, clip=False)
         quantize_model(moe, tmp_path / f"awq-{rescale}", settings, blocks)
         result[rescale] = perplexity(read_quantized(tmp_path / f"awq-{rescale}"), short,

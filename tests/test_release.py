@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixq.quantize.card import read_front_matter
+from mixq.quantize.release.card import read_front_matter
 from tests.test_quantize_engine import tiny_hf
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,74 +3,65 @@ tensors, so the reference forward (and everything built on checkpoints) runs the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from mixq.convert.checkpoint import Checkpoint, TensorRef
+from mixq.convert.architecture import naming_of, plan, spelled
+from mixq.convert.checkpoint import Checkpoint, TensorRef, torch_name
 from mixq.convert.errors import MixqError
 from mixq.convert.hf import file_refs, spec_from_config, weight_files
 from mixq.convert.jsonfile import read_json
 from mixq.convert.tokenizer import Vocab
 
-from . import model as arch
-from .formats import DEQUANTIZERS, SUFFIXES, packed_shapes
-from .quantizer import Scheme
-from .runner import bits_problem
+from ..formats import FORMATS, Format
+from ..quantizer import Scheme
 
 
 def quantization_method(path: Path) -> str | None:
     """'awq' or 'gptq' when `path` is such a repository."""
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
+        config = read_json(path / "config.json", missing_ok=True) or {}
+    except MixqError:   # not this reader's to judge: opening the folder as a checkpoint says what is wrong
         return None
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    qc = config.get("quantization_config")
     method = qc.get("quant_method") if isinstance(qc, dict) else None
-    return method if method in DEQUANTIZERS else None
+    return method if method in FORMATS else None
 
 
 def read_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
     path = Path(path)
     config = read_json(path / "config.json")
     qc = config.get("quantization_config") or {}
-    fmt = qc.get("quant_method")
-    if fmt not in DEQUANTIZERS:
-        raise MixqError(f"{path / 'config.json'}: quant_method {fmt!r} is not one mixq reads (awq, gptq)")
-    if fmt == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
-        raise MixqError(f"{path}: AWQ version {qc.get('version')!r}; only GEMM is read")
-    bits = qc.get("bits", qc.get("w_bit", 4))
-    group_size = qc.get("group_size", qc.get("q_group_size", 128))
-    if bits_problem(fmt, bits):
-        raise MixqError(f"{path / 'config.json'}: bits {bits_problem(fmt, bits)}")
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size == 0 or group_size < -1:
-        raise MixqError(f"{path / 'config.json'}: group_size {group_size!r} is not a positive integer or -1")
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method not in FORMATS:
+        raise MixqError(f"{path / 'config.json'}: quant_method {method!r} is not one mixq reads ({', '.join(FORMATS)})")
+    fmt = FORMATS[method]
+    bits, group_size = fmt.read_config(qc, path / "config.json")
     spec = spec_from_config({k: v for k, v in config.items() if k != "quantization_config"}, path / "config.json")
     raw: dict[str, TensorRef] = {}
     for file in weight_files(path):
         raw.update(file_refs(file))
-    naming = "transformers" if any(".mlp.experts." in n or n.endswith(".mlp.gate.weight") for n in raw) \
-        else "classic"
+    naming = naming_of(n.split(".", 3)[3] for n in raw if n.startswith("model.layers."))
+    layer_plan = plan(spec)
     tensors: dict[str, TensorRef] = {}
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         if name in raw:
             tensors[name] = _float(raw[name], name, dtype)
     for layer in range(spec.num_layers):
         prefix = f"model.layers.{layer}."
-        for weight in arch.unquantized(spec):
-            module = weight[: -len(".weight")]
-            stored = f"{prefix}{arch.output_name(module, naming)}.weight"
+        for weight in layer_plan.unquantized:
+            stored = prefix + spelled(weight.removesuffix(".weight"), naming) + ".weight"
             tensors[prefix + weight] = _float(_need(raw, stored, path), prefix + weight, dtype)
-        for module in arch.linears(spec):
-            stored = prefix + arch.output_name(module, naming)
-            parts = {s: _need(raw, f"{stored}.{s}", path) for s in SUFFIXES[fmt]}
-            _check_packed(parts, fmt, bits, group_size, arch.shape(spec, module), path)
-            tensors[f"{prefix}{module}.weight"] = _dequantized(parts, fmt, bits, arch.shape(spec, module), dtype)
+        for lin in layer_plan.linears:
+            stored = prefix + spelled(lin.module, naming)
+            parts = {s: _need(raw, f"{stored}.{s}", path) for s in fmt.suffixes}
+            _check_packed(parts, fmt, bits, group_size, lin.shape, path)
+            tensors[f"{prefix}{lin.module}.weight"] = _dequantized(parts, fmt, bits, lin.shape, dtype)
     order = ["model.embed_tokens.weight"] + [n for n in tensors if n.startswith("model.layers.")] + \
         [n for n in ("model.norm.weight", "lm_head.weight") if n in tensors]
     generation = path / "generation_config.json"
-    return Checkpoint(layout=f"hf-{fmt}", path=path, spec=spec, tensors={n: tensors[n] for n in order},
+    return Checkpoint(layout=f"hf-{fmt.name}", path=path, spec=spec, tensors={n: tensors[n] for n in order},
                       vocab=Vocab.from_hf_dir(path),
                       generation_config=read_json(generation, missing_ok=True),
                       source_config=config, files=weight_files(path))
@@ -82,7 +73,7 @@ def _need(raw: dict[str, TensorRef], name: str, path: Path) -> TensorRef:
     return raw[name]
 
 
-def _check_packed(parts: dict[str, TensorRef], fmt: str, bits: int, group_size: int, shape: tuple[int, int],
+def _check_packed(parts: dict[str, TensorRef], fmt: Format, bits: int, group_size: int, shape: tuple[int, int],
                   path: Path) -> None:
     """Packed tensors as the config's bits and group size imply, refused on open rather than mid-evaluation."""
     out_features, in_features = shape
@@ -90,12 +81,12 @@ def _check_packed(parts: dict[str, TensorRef], fmt: str, bits: int, group_size: 
     if in_features % group:
         raise MixqError(f"{path / 'config.json'}: group_size {group_size} does not divide in_features "
                         f"{in_features} of {parts['qweight'].source}")
-    for suffix, (expected, dtype) in packed_shapes(fmt, out_features, in_features, Scheme(bits, group)).items():
+    for suffix, (expected, dtype) in fmt.shapes(out_features, in_features, Scheme(bits, group)).items():
         ref = parts[suffix]
         if ref.shape != expected or (dtype == torch.int32 and ref.dtype != torch.int32):
-            raise MixqError(f"{ref.source}: {list(ref.shape)} {str(ref.dtype).replace('torch.', '')} contradicts "
+            raise MixqError(f"{ref.source}: {list(ref.shape)} {torch_name(ref.dtype)} contradicts "
                             f"config.json ({bits}-bit, group {group_size}), which implies {list(expected)} "
-                            f"{str(dtype).replace('torch.', '')}")
+                            f"{torch_name(dtype)}")
 
 
 def _float(ref: TensorRef, canonical: str, dtype: torch.dtype) -> TensorRef:
@@ -103,10 +94,10 @@ def _float(ref: TensorRef, canonical: str, dtype: torch.dtype) -> TensorRef:
                      load=lambda: ref.load().to(dtype), release=ref.release, nbytes=ref.nbytes)
 
 
-def _dequantized(parts: dict[str, TensorRef], fmt: str, bits: int, shape: tuple[int, int],
+def _dequantized(parts: dict[str, TensorRef], fmt: Format, bits: int, shape: tuple[int, int],
                  dtype: torch.dtype) -> TensorRef:
     def load() -> torch.Tensor:
-        weight = DEQUANTIZERS[fmt]({s: ref.load() for s, ref in parts.items()}, bits).to(dtype)
+        weight = fmt.unpack({s: ref.load() for s, ref in parts.items()}, bits).to(dtype)
         if tuple(weight.shape) != shape:
             raise MixqError(f"{parts['qweight'].source}: unpacks to {list(weight.shape)}, expected {list(shape)}")
         return weight
@@ -115,5 +106,5 @@ def _dequantized(parts: dict[str, TensorRef], fmt: str, bits: int, shape: tuple[
         for ref in parts.values():
             ref.release()
 
-    return TensorRef(shape=shape, dtype=dtype, stored=f"{fmt.upper()}-{bits}bit", source=parts["qweight"].source,
+    return TensorRef(shape=shape, dtype=dtype, stored=f"{fmt.name.upper()}-{bits}bit", source=parts["qweight"].source,
                      load=load, release=release, nbytes=sum(r.nbytes for r in parts.values()))

@@ -13,8 +13,9 @@ from mixq.convert.jsonfile import read_json
 from mixq.convert.output import write_file
 from mixq.convert.progress import human_bytes
 
-from .check import CHECK_FILE, read_check
-from .publish import artifact_bytes
+from ..check import CHECK_FILE, read_check
+from ..formats import FORMATS
+from .summary import artifact_bytes
 
 CARD = "README.md"
 
@@ -71,9 +72,10 @@ def _check_section(check: dict | None) -> list[str]:
 def quantized_card(repo: Path, base_model: str | None = None, license_id: str = "apache-2.0") -> str:
     config = read_json(repo / "config.json", missing_ok=True) or {}
     qc = config.get("quantization_config") or {}
-    fmt = qc.get("quant_method")
-    if fmt not in ("awq", "gptq"):
-        raise MixqError(f"{repo}: not an AWQ or GPTQ repository (config.json has no awq/gptq quantization_config)")
+    fmt = FORMATS.get(qc.get("quant_method"))
+    if fmt is None:
+        raise MixqError(f"{repo}: not a quantized repository mixq makes (config.json's quantization_config names "
+                        f"none of {', '.join(FORMATS)})")
     report = read_json(repo / "report.json", missing_ok=True) or {}
     check = read_check(repo / CHECK_FILE) or report.get("check")
     settings = report.get("settings", {})
@@ -83,16 +85,12 @@ def quantized_card(repo: Path, base_model: str | None = None, license_id: str = 
     template = prompt_template(repo)
     arch = config.get("model_type", "")
     naming = settings.get("expert_naming", "classic")
-    title = "AWQ" if fmt == "awq" else "GPTQ"
-    tags = [fmt, f"{qc.get('bits', 4)}-bit", "mixq"] + (["moe", "mixtral"] if arch == "mixtral" else [])
-    detail = (f"zero point {'yes' if qc.get('zero_point') else 'no'}, GEMM" if fmt == "awq" else
-              f"{'symmetric' if qc.get('sym') else 'asymmetric'}, act-order "
-              f"{'yes' if settings.get('desc_act') else 'no'}"
-              f"{' (static groups)' if settings.get('static_groups') else ''}"
-              f", damp {qc.get('damp_percent')}")
+    title = fmt.title
+    tags = [fmt.name, f"{qc.get('bits', 4)}-bit", "mixq"] + (["moe", "mixtral"] if arch == "mixtral" else [])
+    detail = fmt.describe(qc, settings)
     lines = [front_matter(base, license_id, arch, template, tags), f"# {name} - {title}", "",
              f"{title} {qc.get('bits')}-bit quantization of `{base}`, made with mixq "
-             f"({report.get('method', fmt)} on {report.get('device', '?')}).", "",
+             f"({report.get('method', fmt.name)} on {report.get('device', '?')}).", "",
              "## Prompt template", "", "```", template, "```", "",
              "## Provided files", "",
              "| files | bits | group size | settings | calibration dataset | calibration tokens | sequence length "
@@ -101,7 +99,7 @@ def quantized_card(repo: Path, base_model: str | None = None, license_id: str = 
              f"| this repository | {qc.get('bits')} | {qc.get('group_size')} | {detail} | {calib.get('source', '-')} "
              f"| {calib.get('tokens', '-')} | {calib.get('seqlen', '-')} | {human_bytes(artifact_bytes(repo))} |", ""]
     lines += _check_section(check)
-    lines += _usage_quantized(fmt, arch, naming)
+    lines += _usage_quantized(fmt.name, arch, naming)
     lines += _details(report)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -116,7 +114,7 @@ def _usage_quantized(fmt: str, arch: str, naming: str) -> list[str]:
                      "`mlp.experts.E.gate_proj/up_proj/down_proj`, for transformers 5 with GPTQModel and defuser "
                      "(vLLM and TGI read the classic names: make that variant with `--expert-naming classic`)."),
                   "The router (`gate`) is not quantized.", ""]
-    vllm_flag = "awq" if fmt == "awq" else "gptq"
+    vllm_flag = fmt  # the quant_method is what vLLM's and TGI's flags name
     lines += ["### vLLM", "", "```shell", f"vllm serve REPO --quantization {vllm_flag} --dtype half", "```", "",
               "### Text Generation Inference", "", "```shell",
               f"docker run --gpus all -v $PWD/REPO:/model ghcr.io/huggingface/text-generation-inference "
@@ -140,7 +138,7 @@ def _details(report: dict) -> list[str]:
     if not report:
         return []
     s = report.get("settings", {})
-    keys = ("method", "format", "expert_naming", "damp", "desc_act", "static_groups", "true_sequential", "grid",
+    keys = ("method", "format", "expert_naming", "damp", "act_order", "static_groups", "true_sequential", "grid",
             "clip", "duo_scaling", "scale_router")
     rows = [f"| {k} | {report.get(k, s.get(k))} |" for k in keys if report.get(k, s.get(k)) is not None]
     lines = ["## Quantization details", "", "| setting | value |", "|---|---|", *rows,

@@ -22,8 +22,7 @@ from mixq.convert.checkpoint import Checkpoint
 from mixq.convert.errors import MixqError
 from mixq.convert.progress import bar
 
-from .forward import Rotary, decoder_layer, rms_norm
-from .runner import load_layer
+from ..forward import Rotary, decoder_layer, rms_norm
 
 METHODS = ("windows", "llamacpp")
 
@@ -89,7 +88,7 @@ def perplexity(model: Checkpoint, windows: Windows, device="cpu", dtype=torch.fl
     with bar(total=spec.num_layers, desc="perplexity", unit="layer") as pbar:
         for layer in range(spec.num_layers):
             for i, ckpt in enumerate(models):
-                weights = load_layer(ckpt, layer, device, dtype)
+                weights = ckpt.layer(layer, device, dtype)
                 for start in range(0, tokens.shape[0], batch):
                     states[i][start:start + batch] = decoder_layer(states[i][start:start + batch], weights,
                                                                    ckpt.spec, rope)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mixq.convert.errors import MixqError
 
-from .check import CHECK_FILE, read_check
+from ..check import CHECK_FILE, read_check
 
 
 def artifact_bytes(path: Path) -> int:

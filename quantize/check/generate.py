@@ -9,8 +9,7 @@ import torch
 
 from mixq.convert.checkpoint import Checkpoint
 
-from .forward import KVCache, Rotary, decoder_layer, rms_norm
-from .runner import load_layer
+from ..forward import KVCache, Rotary, decoder_layer, rms_norm
 
 DEFAULT_PROMPTS = (
     "Explain in two sentences why the sky is blue.",
@@ -24,7 +23,7 @@ class LoadedModel:
     def __init__(self, ckpt: Checkpoint, device, dtype):
         self.spec = ckpt.spec
         self.device, self.dtype = device, dtype
-        self.layers = [load_layer(ckpt, layer, device, dtype) for layer in range(self.spec.num_layers)]
+        self.layers = [ckpt.layer(layer, device, dtype) for layer in range(self.spec.num_layers)]
         self.embed = ckpt.get("model.embed_tokens.weight").to(device=device, dtype=dtype)
         self.norm = ckpt.get("model.norm.weight").to(device=device, dtype=dtype)
         self.head = self.embed if self.spec.tie_word_embeddings else \

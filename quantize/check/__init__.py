@@ -9,15 +9,15 @@ from pathlib import Path
 import torch
 
 from mixq.convert import open_checkpoint
-from mixq.convert.checkpoint import Checkpoint
+from mixq.convert.checkpoint import Checkpoint, torch_name
 from mixq.convert.errors import MixqError
 from mixq.convert.output import write_file
 from mixq.convert.progress import note
 
-from .evaluate import make_windows, perplexity
+from ..device import compute_dtype, pick_device
 from .generate import DEFAULT_PROMPTS, LoadedModel, generate
+from .perplexity import make_windows, perplexity
 from .repository import quantization_method, read_quantized
-from .runner import pick_device
 
 CHECK_FILE = "check.json"
 _NUMBER, _COUNT = (int, float), int
@@ -53,12 +53,6 @@ def open_any(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint
     return open_checkpoint(path)
 
 
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
 def run_check(model: str | Path, eval_source: str = "shakespeare", reference: str | Path | None = None,
               method: str = "windows", seqlen: int = 2048, max_tokens: int | None = None, prompts=None,
               max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
@@ -81,7 +75,7 @@ def run_check(model: str | Path, eval_source: str = "shakespeare", reference: st
     windows = make_windows(ids, seqlen, method, bos_id=tokenizer.bos_token_id, max_tokens=max_tokens)
     note(f"perplexity on {windows.scored} tokens ({windows.tokens.shape[0]} windows of {seqlen}, {method})")
     report = {"model": str(model), "layout": ckpt.layout, "reference": str(reference) if reference else None,
-              "eval": provenance, "device": str(torch_device), "dtype": str(torch_dtype).replace("torch.", "")}
+              "eval": provenance, "device": str(torch_device), "dtype": torch_name(torch_dtype)}
     with torch.no_grad():
         report.update(perplexity(ckpt, windows, torch_device, torch_dtype, batch, ref))
     prompts = list(DEFAULT_PROMPTS) if prompts is None else list(prompts)

@@ -1,0 +1,90 @@
+"""AWQ's searches (Lin et al., 2023, as AutoAWQ 0.2.9 runs them): the per-channel scale of a group of linears that
+read one activation, folding that scale into the layer without changing its function, and the clipping threshold
+of each weight group. The layer-by-layer flow that feeds them is methods/awq.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixq.convert.architecture import plan
+
+from .quantizer import Scheme, fake_quantize
+
+CLIP_TOKENS = 512        # AutoAWQ's n_sample_token
+CLIP_SHRINK = 0.5        # AutoAWQ's max_shrink: clipping thresholds down to half the group maximum
+
+
+def search_scale(inputs: torch.Tensor, weights: dict, modules: tuple[str, ...], inspect, settings) -> torch.Tensor:
+    """The per-input-channel scale for `modules` that minimises the error of `inspect`'s output."""
+    scheme: Scheme = settings.scheme
+    x_mean = inputs.reshape(-1, inputs.shape[-1]).abs().float().mean(0)
+    stacked = torch.cat([weights[f"{m}.weight"] for m in modules], dim=0).float()
+    groups = stacked.abs().reshape(-1, scheme.group_size)
+    w_mean = (groups / (groups.amax(dim=1, keepdim=True) + 1e-6)).reshape(stacked.shape).mean(0)
+    reference = inspect(weights).float()
+    best, best_loss = None, float("inf")
+    for step in range(settings.grid):
+        ratio = step / settings.grid
+        if settings.duo_scaling:
+            s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+        else:
+            s = x_mean.pow(ratio).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        s[~torch.isfinite(s)] = 1
+        trial = dict(weights)
+        for m in modules:
+            weight = weights[f"{m}.weight"]
+            trial[f"{m}.weight"] = (fake_quantize(weight * s.to(weight.dtype), scheme) / s.to(weight.dtype))
+        loss = float((reference - inspect(trial).float()).pow(2).mean())
+        if loss < best_loss:
+            best, best_loss = s.clone(), loss
+    if best is None:
+        raise RuntimeError(f"AWQ found no finite loss for {', '.join(modules)}")
+    return best.to(stacked.device)
+
+
+def apply_scales(weights: dict, spec, scales: dict[str, torch.Tensor], scale_router: bool = True) -> None:
+    """Fold searched scales (by smoothing key) into the layer: what precedes a group is divided by s, the group
+    multiplied by s, the router (never quantized) multiplied too unless told not to, so the layer computes the same
+    function."""
+    def fold(name: str, s: torch.Tensor, into: str) -> None:
+        w = weights[f"{name}.weight"]
+        s = s.to(w.dtype)
+        weights[f"{name}.weight"] = w * s if into == "columns" else w / s[:, None] if into == "rows" else w / s
+
+    for group in plan(spec).smoothings:
+        if group.key not in scales:
+            continue
+        fold(group.before, scales[group.key], group.into)
+        for module in group.linears + (group.also if scale_router else ()):
+            fold(module, scales[group.key], "columns")
+
+
+def clip(weight: torch.Tensor, inputs: torch.Tensor, scheme: Scheme, grid: int = 20) -> torch.Tensor:
+    """Clip each group of `weight` to the threshold (down to CLIP_SHRINK of its max) whose quantized output on
+    `inputs` is closest to the unquantized one: AutoAWQ's _search_best_clip."""
+    out_features, in_features = weight.shape
+    group = scheme.group_size
+    x = inputs.reshape(-1, in_features).float()
+    x = x[:: max(1, x.shape[0] // CLIP_TOKENS)].reshape(-1, in_features // group, group)   # [tokens, groups, g]
+    w_all = weight.float().reshape(out_features, -1, group)                                   # [out, groups, g]
+    batch = 256 if out_features % 256 == 0 else 64 if out_features % 64 == 0 else out_features
+    limits = []
+    for start in range(0, out_features, batch):
+        w = w_all[start:start + batch]
+        original_max = w.abs().amax(dim=-1, keepdim=True)                                     # [b, groups, 1]
+        best = original_max.clone()
+        min_err = torch.full_like(original_max, float("inf"))
+        original_out = torch.einsum("tgk,ogk->otg", x, w)
+        for step in range(int(CLIP_SHRINK * grid)):
+            max_val = original_max * (1 - step / grid)
+            clipped = torch.maximum(torch.minimum(w, max_val), -max_val)
+            quantized = fake_quantize(clipped.reshape(-1, in_features), scheme).reshape(w.shape)
+            err = (torch.einsum("tgk,ogk->otg", x, quantized) - original_out).pow(2).mean(dim=1)[..., None]
+            better = err < min_err
+            min_err[better] = err[better]
+            best[better] = max_val[better]
+        limits.append(best)
+    limit = torch.cat(limits)
+    return torch.maximum(torch.minimum(w_all, limit), -limit).reshape(out_features, in_features).to(weight.dtype)

@@ -1,0 +1,17 @@
+"""The quantization methods, one module each, every one a `quantize_layer(ctx) -> {module: QuantizedWeight}` over
+the layer context the engine hands it (runner.LayerContext): round-to-nearest, GPTQ and AWQ."""
+
+from __future__ import annotations
+
+import importlib
+
+from mixq.convert.errors import MixqError
+
+METHODS = ("rtn", "gptq", "awq")
+
+
+def layer_method(name: str):
+    """The method's quantize_layer, imported when first asked for (AWQ and GPTQ pull in their solvers)."""
+    if name not in METHODS:
+        raise MixqError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
+    return importlib.import_module(f"{__name__}.{name}").quantize_layer
