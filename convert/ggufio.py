@@ -4,7 +4,6 @@ time)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import gguf_stream
 from .checkpoint import Checkpoint, TensorRef, checked_tensors
 from .errors import MixqError
 from .gguf_header import check_header
@@ -405,6 +405,7 @@ def write_gguf(ckpt: Checkpoint, path: Path, type_name: str, file_type: int,
     plan = plan_tensors(spec, list(ckpt.tensors), type_name)
     quantized = any(p.type_name not in FLOAT_TYPES for p in plan)
     writer = gguf.GGUFWriter(path, ARCH, split_max_size=split_max_size)
+    gguf_stream.check(writer)
     for key, value, kind in metadata(ckpt, file_type, quantized):
         _add_kv(writer, key, value, kind)
     for p in plan:
@@ -414,9 +415,7 @@ def write_gguf(ckpt: Checkpoint, path: Path, type_name: str, file_type: int,
     try:
         _write_all(writer, ckpt, spec, plan, path)
     except BaseException:  # close the files (a full disk stays busy while a deleted file is open), re-raise
-        for f in writer.fout or []:
-            with contextlib.suppress(OSError):
-                f.close()
+        gguf_stream.close_files(writer)
         raise
     writer.close()
     return paths
@@ -437,29 +436,8 @@ def _write_all(writer, ckpt: Checkpoint, spec: ModelSpec, plan: list[_Planned], 
 
             # stacked experts are written one expert at a time, the next one encoded while one is written
             encoded = pool.map(encode, p.sources) if len(p.sources) > 1 else map(encode, p.sources)
-            _write_tensor(writer, encoded, _nbytes(p.shape, p.type_name), written=ckpt.release)
+            gguf_stream.write_parts(writer, encoded, _nbytes(p.shape, p.type_name), written=ckpt.release)
             pbar.update(_nbytes(p.shape, p.type_name))
-
-
-def _write_tensor(writer, parts, nbytes: int, written=None) -> None:
-    """GGUFWriter.write_tensor_data for a tensor that arrives in (source name, bytes) parts (the experts of a
-    stacked tensor): the same bytes, without holding the whole tensor; `written(name)` after each part."""
-    gguf = _gguf()
-    file_id = next(i for i, tensors in enumerate(writer.tensors) if tensors)
-    fout = writer.fout[file_id]
-    info = writer.tensors[file_id].pop(next(iter(writer.tensors[file_id])))
-    writer.write_padding(fout, fout.tell())
-    total = 0
-    for name, part in parts:
-        part.tofile(fout)
-        total += part.nbytes
-        del part
-        if written is not None:
-            written(name)
-    if total != nbytes or info.nbytes != nbytes:
-        raise AssertionError(f"wrote {total} bytes for a tensor of {info.nbytes}")
-    writer.write_padding(fout, nbytes)
-    writer.state = gguf.gguf_writer.WriterState.WEIGHTS
 
 
 def write_gguf_file(ckpt: Checkpoint, out: Path, outtype: str = "auto", split_max_size=None,

@@ -11,6 +11,7 @@ from gguf.quants import dequantize
 from safetensors.torch import load_file
 
 from mixq.convert import convert_checkpoint, open_checkpoint
+from mixq.convert.gguf_stream import PRIVATE, VERIFIED
 from tests.models import native_state, tiny_params, tiny_torrent, write_torrent
 from tests.oracle import native_logits
 
@@ -201,6 +202,24 @@ def test_inspect_gguf(cli, tmp_path):
     assert info["layout"] == "gguf" and info["architecture"] == "mixtral"
     assert info["dtypes"] == {"Q8_0": 34, "F32": 7}
     assert info["metadata"]["general.file_type"] == 7 and info["chat_template"] is True
+
+
+@pytest.mark.parametrize("name", PRIVATE)
+def test_a_gguf_without_the_writer_state_streamed_through_is_refused(cli, tmp_path, monkeypatch, name):
+    """Experts are streamed through GGUFWriter's private state: a gguf-py without it gives one line, no output."""
+    import gguf
+
+    class Renamed(gguf.GGUFWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            setattr(self, "_" + name, self.__dict__.pop(name))
+
+    monkeypatch.setattr(gguf, "GGUFWriter", Renamed)
+    tiny_torrent(tmp_path / "src", layers=1)
+    result = cli("convert", tmp_path / "src", tmp_path / "m.gguf", "--to", "gguf")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert f"lacks GGUFWriter.{name}," in result.stderr and f"install gguf{VERIFIED}" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
