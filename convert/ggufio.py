@@ -39,17 +39,26 @@ ARCH = "llama"  # Mixtral, Mistral and Llama GGUFs all say general.architecture 
 SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
-# --outtype -> (ggml type name, llama.cpp file type) for what gguf-py writes itself
-GGUF_PY_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
-                 "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3), "q5_0": ("Q5_0", 8), "q5_1": ("Q5_1", 9)}
-# K-quants: made by llama.cpp's own quantizer (llama_model_quantize), file type ids of llama.h
-LLAMA_CPP_TYPES = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15,
-                   "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+# The output types by the names of gguf's enums, which hold their numbers (gguf is imported only to read or write a
+# GGUF: the CLI takes its --outtype choices from these tables at start-up).
+# --outtype -> (GGMLQuantizationType of the matrices, LlamaFileType of the file) for what gguf-py writes itself
+GGUF_PY_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+                 "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+                 "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1")}
+# K-quants, made by llama.cpp's own quantizer (llama_model_quantize): --outtype -> LlamaFileType (llama.h's ids)
+LLAMA_CPP_TYPES = {"q2_k": "MOSTLY_Q2_K", "q3_k_s": "MOSTLY_Q3_K_S", "q3_k_m": "MOSTLY_Q3_K_M",
+                   "q3_k_l": "MOSTLY_Q3_K_L", "q4_k_s": "MOSTLY_Q4_K_S", "q4_k_m": "MOSTLY_Q4_K_M",
+                   "q5_k_s": "MOSTLY_Q5_K_S", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
 
 
 def _gguf():
     import gguf
     return gguf
+
+
+def _file_type(name: str) -> int:
+    """llama.cpp's file type id of a LlamaFileType name in the tables above."""
+    return int(_gguf().LlamaFileType[name])
 
 
 # ---- names --------------------------------------------------------------------------------------------------
@@ -392,16 +401,17 @@ def _add_vocab(writer, vocab: Vocab | None, spec: ModelSpec) -> None:
         writer.add_chat_template(vocab.chat_template)
 
 
-def write_gguf(ckpt: Checkpoint, path: Path, type_name: str, file_type: int,
-               split_max_size: int = 0) -> list[Path]:
-    """Write `ckpt` as GGUF at `path` (split into -0000N-of-0000M files when split_max_size is set)."""
+def write_gguf(ckpt: Checkpoint, path: Path, outtype: str, split_max_size: int = 0) -> list[Path]:
+    """Write `ckpt` as GGUF of a GGUF_PY_TYPES `outtype` at `path` (split into -0000N-of-0000M files when
+    split_max_size is set)."""
     gguf = _gguf()
     spec = ckpt.spec
+    type_name, ftype = GGUF_PY_TYPES[outtype]
     plan = plan_tensors(spec, list(ckpt.tensors), type_name)
     quantized = any(p.type_name not in FLOAT_TYPES for p in plan)
     writer = gguf.GGUFWriter(path, ARCH, split_max_size=split_max_size)
     gguf_stream.check(writer)
-    _add_metadata(writer, ckpt, file_type, quantized)
+    _add_metadata(writer, ckpt, _file_type(ftype), quantized)
     for p in plan:
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.type_name),
                                raw_dtype=gguf.GGMLQuantizationType[p.type_name])
@@ -454,14 +464,12 @@ def write_gguf_file(ckpt: Checkpoint, out: Path, outtype: str = "auto", split_ma
     quantizer = _llama_cpp_quantizer() if outtype in LLAMA_CPP_TYPES else None
     with claim(out), scratch_beside(out) as stage:
         if quantizer is None:
-            type_name, file_type = GGUF_PY_TYPES[outtype]
-            written = write_gguf(ckpt, stage / out.name, type_name, file_type, split)
+            written = write_gguf(ckpt, stage / out.name, outtype, split)
         else:  # a float GGUF first, then llama.cpp's quantizer
             base = {torch.bfloat16: "bf16", torch.float32: "f32"}.get(ckpt.main_dtype(), "f16")
-            type_name, file_type = GGUF_PY_TYPES[base]
-            intermediate = write_gguf(ckpt, stage / f"intermediate-{base}.gguf", type_name, file_type)[0]
+            intermediate = write_gguf(ckpt, stage / f"intermediate-{base}.gguf", base)[0]
             note(f"quantizing to {outtype.upper()} with llama.cpp")
-            quantizer(intermediate, stage / out.name, LLAMA_CPP_TYPES[outtype])
+            quantizer(intermediate, stage / out.name, _file_type(LLAMA_CPP_TYPES[outtype]))
             written = [stage / out.name]
         finals = publish(written, out.parent, force)
     return {"tensors": len(ckpt.tensors), "bytes": sum(f.stat().st_size for f in finals), "shards": len(finals),
