@@ -15,7 +15,9 @@ from importlib import metadata
 
 from .errors import MixqError
 
-VERIFIED = ">=0.17,<0.20"  # the gguf versions the tests passed with; pyproject.toml pins the same range (a test)
+# the gguf versions the GGUF tests passed with, 0.17.0 to 0.19.0 (0.16 writes the same bytes, but the tests' own
+# rewriting of GGUF metadata needs add_key_value's sub_type, new in 0.17); pyproject.toml pins it (a test)
+VERIFIED = ">=0.17,<0.20"
 PRIVATE = ("tensors", "fout", "state")  # GGUFWriter's attributes used here
 
 

@@ -2,6 +2,7 @@
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from mixq.convert.gguf_stream import PRIVATE, VERIFIED
 from tests.models import native_state, tiny_params, tiny_torrent, write_torrent
 from tests.oracle import native_logits
 
+ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [1, 733, 16289, 28793, 1824, 349, 574, 16020, 2076, 2487, 28804, 733, 28748, 16289, 28793]
 
 
@@ -218,6 +220,10 @@ def test_the_type_tables_name_gguf_enums_with_llama_h_ids():
         "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
     assert {t.name: t.value for t in gguf.TokenType} == {
         name: getattr(tokenizer, name) for name in ("NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE")}
+
+
+def test_the_pinned_gguf_range_is_the_verified_one():
+    assert f'"gguf{VERIFIED}"' in (ROOT / "pyproject.toml").read_text()
 
 
 @pytest.mark.parametrize("name", PRIVATE)
