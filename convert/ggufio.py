@@ -4,7 +4,6 @@ time)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import gguf_stream
 from .checkpoint import Checkpoint, TensorRef, checked_tensors
 from .errors import MixqError
 from .gguf_header import check_header
@@ -33,23 +33,32 @@ from .pages import drop_file_pages
 from .progress import bar, is_quiet, note
 from .rope import half_to_interleaved, interleaved_to_half
 from .spec import ModelSpec, integer, number, per_head
-from .tokenizer import UNUSED, Vocab
+from .tokenizer import NORMAL, UNUSED, Vocab
 
 ARCH = "llama"  # Mixtral, Mistral and Llama GGUFs all say general.architecture = llama
 SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
-# --outtype -> (ggml type name, llama.cpp file type) for what gguf-py writes itself
-GGUF_PY_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
-                 "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3), "q5_0": ("Q5_0", 8), "q5_1": ("Q5_1", 9)}
-# K-quants: made by llama.cpp's own quantizer (llama_model_quantize), file type ids of llama.h
-LLAMA_CPP_TYPES = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15,
-                   "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+# The output types by the names of gguf's enums, which hold their numbers (gguf is imported only to read or write a
+# GGUF: the CLI takes its --outtype choices from these tables at start-up).
+# --outtype -> (GGMLQuantizationType of the matrices, LlamaFileType of the file) for what gguf-py writes itself
+GGUF_PY_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+                 "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+                 "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1")}
+# K-quants, made by llama.cpp's own quantizer (llama_model_quantize): --outtype -> LlamaFileType (llama.h's ids)
+LLAMA_CPP_TYPES = {"q2_k": "MOSTLY_Q2_K", "q3_k_s": "MOSTLY_Q3_K_S", "q3_k_m": "MOSTLY_Q3_K_M",
+                   "q3_k_l": "MOSTLY_Q3_K_L", "q4_k_s": "MOSTLY_Q4_K_S", "q4_k_m": "MOSTLY_Q4_K_M",
+                   "q5_k_s": "MOSTLY_Q5_K_S", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
 
 
 def _gguf():
     import gguf
     return gguf
+
+
+def _file_type(name: str) -> int:
+    """llama.cpp's file type id of a LlamaFileType name in the tables above."""
+    return int(_gguf().LlamaFileType[name])
 
 
 # ---- names --------------------------------------------------------------------------------------------------
@@ -133,60 +142,60 @@ def _required(kv: dict, key: str, where: Path):
 
 
 def spec_from_metadata(kv: dict, tensor_names: set[str], where: Path) -> ModelSpec:
-    arch = kv.get("general.architecture")
+    keys = _gguf().Keys
+    llm, attn, rope, tok = keys.LLM, keys.Attention, keys.Rope, keys.Tokenizer
+    arch = kv.get(keys.General.ARCHITECTURE)
     if arch != ARCH:
         raise MixqError(f"{where}: unsupported GGUF architecture {arch!r} (Mixtral, Mistral and Llama GGUFs "
                         f"are 'llama')")
-    k = lambda key: f"{ARCH}.{key}"  # noqa: E731
+    k = lambda key: key.format(arch=ARCH)  # noqa: E731
     try:
-        hidden = integer(_required(kv, k("embedding_length"), where))
-        heads = integer(_required(kv, k("attention.head_count"), where))
-        experts = integer(kv.get(k("expert_count"), 0) or 0)
-        name = str(kv.get("general.name", "")) + " " + str(kv.get("general.basename", ""))
-        vocab = kv.get(k("vocab_size")) or len(kv.get("tokenizer.ggml.tokens") or []) or 0
+        hidden = integer(_required(kv, k(llm.EMBEDDING_LENGTH), where))
+        heads = integer(_required(kv, k(attn.HEAD_COUNT), where))
+        experts = integer(kv.get(k(llm.EXPERT_COUNT), 0) or 0)
+        name = str(kv.get(keys.General.NAME, "")) + " " + str(kv.get(keys.General.BASENAME, ""))
+        vocab = kv.get(k(llm.VOCAB_SIZE)) or len(kv.get(tok.LIST) or []) or 0
         spec = ModelSpec(
             arch="mixtral" if experts else ("mistral" if "mistral" in name.lower() else "llama"),
-            hidden_size=hidden, num_layers=integer(_required(kv, k("block_count"), where)), num_heads=heads,
-            num_kv_heads=integer(kv.get(k("attention.head_count_kv"), heads)),
-            head_dim=integer(kv.get(k("attention.key_length")) or kv.get(k("rope.dimension_count"))
-                             or per_head(hidden, heads)),
-            intermediate_size=integer(_required(kv, k("feed_forward_length"), where)), vocab_size=integer(vocab),
-            rms_norm_eps=number(_required(kv, k("attention.layer_norm_rms_epsilon"), where)),
-            rope_theta=number(kv.get(k("rope.freq_base"), 10000.0)),
-            max_position_embeddings=integer(_required(kv, k("context_length"), where)),
-            num_experts=experts, experts_per_tok=integer(kv.get(k("expert_used_count"), 0) or 0),
+            hidden_size=hidden, num_layers=integer(_required(kv, k(llm.BLOCK_COUNT), where)), num_heads=heads,
+            num_kv_heads=integer(kv.get(k(attn.HEAD_COUNT_KV), heads)),
+            head_dim=integer(kv.get(k(attn.KEY_LENGTH)) or kv.get(k(rope.DIMENSION_COUNT)) or per_head(hidden, heads)),
+            intermediate_size=integer(_required(kv, k(llm.FEED_FORWARD_LENGTH), where)), vocab_size=integer(vocab),
+            rms_norm_eps=number(_required(kv, k(attn.LAYERNORM_RMS_EPS), where)),
+            rope_theta=number(kv.get(k(rope.FREQ_BASE), 10000.0)),
+            max_position_embeddings=integer(_required(kv, k(llm.CONTEXT_LENGTH), where)),
+            num_experts=experts, experts_per_tok=integer(kv.get(k(llm.EXPERT_USED_COUNT), 0) or 0),
             tie_word_embeddings="output.weight" not in tensor_names,
-            bos_token_id=kv.get("tokenizer.ggml.bos_token_id"), eos_token_id=kv.get("tokenizer.ggml.eos_token_id"))
+            bos_token_id=kv.get(tok.BOS_ID), eos_token_id=kv.get(tok.EOS_ID))
     except (TypeError, ZeroDivisionError) as exc:
         raise MixqError(f"{where}: bad metadata value ({exc})") from None
     if spec.vocab_size == 0:
-        raise MixqError(f"{where}: missing metadata key {ARCH}.vocab_size (and no tokenizer.ggml.tokens)")
+        raise MixqError(f"{where}: missing metadata key {k(llm.VOCAB_SIZE)} (and no {tok.LIST})")
     return spec.validate(str(where))
 
 
 def vocab_from_metadata(kv: dict, where: Path) -> Vocab | None:
-    model = kv.get("tokenizer.ggml.model")
-    tokens = kv.get("tokenizer.ggml.tokens")
+    tok = _gguf().Keys.Tokenizer
+    model = kv.get(tok.MODEL)
+    tokens = kv.get(tok.LIST)
     if not model or not tokens:
         return None
     if model not in ("llama", "gpt2"):
         raise MixqError(f"{where}: unsupported GGUF tokenizer model {model!r} (llama or gpt2)")
     n = len(tokens)
-    scores = kv.get("tokenizer.ggml.scores") or [0.0] * n
-    types = kv.get("tokenizer.ggml.token_type") or [1] * n
+    scores = kv.get(tok.SCORES) or [0.0] * n
+    types = kv.get(tok.TOKEN_TYPE) or [NORMAL] * n
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) \
             or not isinstance(scores, list) or not isinstance(types, list) or not len(scores) == len(types) == n \
             or not all(isinstance(x, (int, float)) for x in scores + types):
-        raise MixqError(f"{where}: tokenizer.ggml.tokens, scores and token_type must be arrays of {n} tokens, "
+        raise MixqError(f"{where}: {tok.LIST}, scores and token_type must be arrays of {n} tokens, "
                         f"numbers and type ids")
     return Vocab(model=model, tokens=list(tokens), scores=[float(s) for s in scores], types=[int(t) for t in types],
-                 merges=list(kv.get("tokenizer.ggml.merges") or []),
-                 bos_id=kv.get("tokenizer.ggml.bos_token_id"), eos_id=kv.get("tokenizer.ggml.eos_token_id"),
-                 unk_id=kv.get("tokenizer.ggml.unknown_token_id"), pad_id=kv.get("tokenizer.ggml.padding_token_id"),
-                 add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", model == "llama")),
-                 add_eos=bool(kv.get("tokenizer.ggml.add_eos_token", False)),
-                 add_space_prefix=bool(kv.get("tokenizer.ggml.add_space_prefix", model == "llama")),
-                 pre=kv.get("tokenizer.ggml.pre"), chat_template=kv.get("tokenizer.chat_template"))
+                 merges=list(kv.get(tok.MERGES) or []), bos_id=kv.get(tok.BOS_ID), eos_id=kv.get(tok.EOS_ID),
+                 unk_id=kv.get(tok.UNK_ID), pad_id=kv.get(tok.PAD_ID),
+                 add_bos=bool(kv.get(tok.ADD_BOS, model == "llama")), add_eos=bool(kv.get(tok.ADD_EOS, False)),
+                 add_space_prefix=bool(kv.get(tok.ADD_PREFIX, model == "llama")),
+                 pre=kv.get(tok.PRE), chat_template=kv.get(tok.CHAT_TEMPLATE))
 
 
 def _model_dtype(types: list[str]) -> torch.dtype:
@@ -326,87 +335,83 @@ def _encode(tensor: torch.Tensor, type_name: str) -> np.ndarray:
     return gguf.quants.quantize(tensor.to(torch.float32).contiguous().numpy(), gguf.GGMLQuantizationType[type_name])
 
 
-def metadata(ckpt: Checkpoint, file_type: int, quantized: bool) -> list[tuple[str, object, str]]:
-    """(key, value, gguf value type) for the header, as llama.cpp's converter writes them."""
+def _add_metadata(writer, ckpt: Checkpoint, file_type: int, quantized: bool) -> None:
+    """The header as llama.cpp's converter writes it, through gguf-py's adders (each writes its key with the value
+    type llama.cpp reads: UINT32 counts, FLOAT32 for rope.freq_base and the norm epsilon)."""
+    gguf = _gguf()
     spec = ckpt.spec
-    k = lambda key: f"{ARCH}.{key}"  # noqa: E731
+    g = gguf.Keys.General
     general = ckpt.source_config if ckpt.layout == "gguf" else {}
-    name = general.get("general.name") or ckpt.path.stem.replace("_", " ")
-    items: list[tuple[str, object, str]] = [("general.type", "model", "STRING"), ("general.name", name, "STRING")]
-    for key in ("general.basename", "general.finetune", "general.size_label", "general.license",
-                "general.organization", "general.version"):
+    writer.add_type("model")
+    name = general.get(g.NAME) or ckpt.path.stem.replace("_", " ")
+    writer.add_key_value(g.NAME, name, gguf.GGUFValueType.STRING)  # add_name would leave out an empty name
+    for key, add in ((g.BASENAME, writer.add_basename), (g.FINETUNE, writer.add_finetune),
+                     (g.SIZE_LABEL, writer.add_size_label), (g.LICENSE, writer.add_license),
+                     (g.ORGANIZATION, writer.add_organization), (g.VERSION, writer.add_version)):
         if general.get(key):
-            items.append((key, general[key], "STRING"))
-    items += [
-        (k("block_count"), spec.num_layers, "UINT32"), (k("context_length"), spec.max_position_embeddings, "UINT32"),
-        (k("embedding_length"), spec.hidden_size, "UINT32"),
-        (k("feed_forward_length"), spec.intermediate_size, "UINT32"),
-        (k("attention.head_count"), spec.num_heads, "UINT32"),
-        (k("attention.head_count_kv"), spec.num_kv_heads, "UINT32"),
-        (k("rope.freq_base"), spec.rope_theta, "FLOAT32"),
-        (k("attention.layer_norm_rms_epsilon"), spec.rms_norm_eps, "FLOAT32"),
-    ]
+            add(general[key])
+    writer.add_block_count(spec.num_layers)
+    writer.add_context_length(spec.max_position_embeddings)
+    writer.add_embedding_length(spec.hidden_size)
+    writer.add_feed_forward_length(spec.intermediate_size)
+    writer.add_head_count(spec.num_heads)
+    writer.add_head_count_kv(spec.num_kv_heads)
+    writer.add_rope_freq_base(spec.rope_theta)
+    writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
     if spec.is_moe:
-        items += [(k("expert_count"), spec.num_experts, "UINT32"),
-                  (k("expert_used_count"), spec.experts_per_tok, "UINT32")]
-    items += [(k("vocab_size"), spec.vocab_size, "UINT32"), (k("rope.dimension_count"), spec.head_dim, "UINT32")]
+        writer.add_expert_count(spec.num_experts)
+        writer.add_expert_used_count(spec.experts_per_tok)
+    writer.add_vocab_size(spec.vocab_size)
+    writer.add_rope_dimension_count(spec.head_dim)
     if spec.head_dim != spec.hidden_size // spec.num_heads:
-        items += [(k("attention.key_length"), spec.head_dim, "UINT32"),
-                  (k("attention.value_length"), spec.head_dim, "UINT32")]
-    items.append(("general.file_type", file_type, "UINT32"))
+        writer.add_key_length(spec.head_dim)
+        writer.add_value_length(spec.head_dim)
+    writer.add_file_type(file_type)
     if quantized:
-        items.append(("general.quantization_version", 2, "UINT32"))
-    items += _vocab_metadata(ckpt.vocab, spec)
-    return items
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_vocab(writer, ckpt.vocab, spec)
 
 
-def _vocab_metadata(vocab: Vocab | None, spec: ModelSpec) -> list[tuple[str, object, str]]:
+def _add_vocab(writer, vocab: Vocab | None, spec: ModelSpec) -> None:
     if vocab is None:
         note("warning: no tokenizer found; the GGUF has no vocabulary (llama.cpp cannot run it)")
-        return []
+        return
     tokens, scores, types = list(vocab.tokens), list(vocab.scores), list(vocab.types)
     for i in range(len(tokens), spec.vocab_size):  # llama.cpp pads like this when the model has more rows
         tokens.append(f"[PAD{i}]")
         scores.append(-1000.0)
         types.append(UNUSED)
-    items = [("tokenizer.ggml.model", vocab.model, "STRING"),
-             ("tokenizer.ggml.pre", vocab.pre or "default", "STRING"),
-             ("tokenizer.ggml.tokens", tokens, "ARRAY:STRING"),
-             ("tokenizer.ggml.scores", scores, "ARRAY:FLOAT32"),
-             ("tokenizer.ggml.token_type", types, "ARRAY:INT32")]
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre or "default")
+    # gguf-py types an array by its items: STRING tokens, FLOAT32 scores and INT32 token types for these
+    writer.add_token_list(tokens)
+    writer.add_token_scores([float(s) for s in scores])
+    writer.add_token_types([int(t) for t in types])
     if vocab.model == "gpt2":
-        items.append(("tokenizer.ggml.merges", list(vocab.merges), "ARRAY:STRING"))
-    for key, value in (("bos_token_id", vocab.bos_id), ("eos_token_id", vocab.eos_id),
-                       ("unknown_token_id", vocab.unk_id), ("padding_token_id", vocab.pad_id)):
+        writer.add_token_merges(list(vocab.merges))
+    for value, add in ((vocab.bos_id, writer.add_bos_token_id), (vocab.eos_id, writer.add_eos_token_id),
+                       (vocab.unk_id, writer.add_unk_token_id), (vocab.pad_id, writer.add_pad_token_id)):
         if value is not None:
-            items.append((f"tokenizer.ggml.{key}", int(value), "UINT32"))
-    items += [("tokenizer.ggml.add_bos_token", vocab.add_bos, "BOOL"),
-              ("tokenizer.ggml.add_eos_token", vocab.add_eos, "BOOL")]
+            add(int(value))
+    writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_eos_token(vocab.add_eos)
     if vocab.model == "llama":
-        items.append(("tokenizer.ggml.add_space_prefix", vocab.add_space_prefix, "BOOL"))
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     if vocab.chat_template:
-        items.append(("tokenizer.chat_template", vocab.chat_template, "STRING"))
-    return items
+        writer.add_chat_template(vocab.chat_template)
 
 
-def _add_kv(writer, key: str, value, kind: str) -> None:
-    gguf = _gguf()
-    if kind.startswith("ARRAY:"):
-        writer.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType[kind[6:]])
-    else:
-        writer.add_key_value(key, value, gguf.GGUFValueType[kind])
-
-
-def write_gguf(ckpt: Checkpoint, path: Path, type_name: str, file_type: int,
-               split_max_size: int = 0) -> list[Path]:
-    """Write `ckpt` as GGUF at `path` (split into -0000N-of-0000M files when split_max_size is set)."""
+def write_gguf(ckpt: Checkpoint, path: Path, outtype: str, split_max_size: int = 0) -> list[Path]:
+    """Write `ckpt` as GGUF of a GGUF_PY_TYPES `outtype` at `path` (split into -0000N-of-0000M files when
+    split_max_size is set)."""
     gguf = _gguf()
     spec = ckpt.spec
+    type_name, ftype = GGUF_PY_TYPES[outtype]
     plan = plan_tensors(spec, list(ckpt.tensors), type_name)
     quantized = any(p.type_name not in FLOAT_TYPES for p in plan)
     writer = gguf.GGUFWriter(path, ARCH, split_max_size=split_max_size)
-    for key, value, kind in metadata(ckpt, file_type, quantized):
-        _add_kv(writer, key, value, kind)
+    gguf_stream.check(writer)
+    _add_metadata(writer, ckpt, _file_type(ftype), quantized)
     for p in plan:
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.type_name),
                                raw_dtype=gguf.GGMLQuantizationType[p.type_name])
@@ -414,9 +419,7 @@ def write_gguf(ckpt: Checkpoint, path: Path, type_name: str, file_type: int,
     try:
         _write_all(writer, ckpt, spec, plan, path)
     except BaseException:  # close the files (a full disk stays busy while a deleted file is open), re-raise
-        for f in writer.fout or []:
-            with contextlib.suppress(OSError):
-                f.close()
+        gguf_stream.close_files(writer)
         raise
     writer.close()
     return paths
@@ -437,29 +440,8 @@ def _write_all(writer, ckpt: Checkpoint, spec: ModelSpec, plan: list[_Planned], 
 
             # stacked experts are written one expert at a time, the next one encoded while one is written
             encoded = pool.map(encode, p.sources) if len(p.sources) > 1 else map(encode, p.sources)
-            _write_tensor(writer, encoded, _nbytes(p.shape, p.type_name), written=ckpt.release)
+            gguf_stream.write_parts(writer, encoded, _nbytes(p.shape, p.type_name), written=ckpt.release)
             pbar.update(_nbytes(p.shape, p.type_name))
-
-
-def _write_tensor(writer, parts, nbytes: int, written=None) -> None:
-    """GGUFWriter.write_tensor_data for a tensor that arrives in (source name, bytes) parts (the experts of a
-    stacked tensor): the same bytes, without holding the whole tensor; `written(name)` after each part."""
-    gguf = _gguf()
-    file_id = next(i for i, tensors in enumerate(writer.tensors) if tensors)
-    fout = writer.fout[file_id]
-    info = writer.tensors[file_id].pop(next(iter(writer.tensors[file_id])))
-    writer.write_padding(fout, fout.tell())
-    total = 0
-    for name, part in parts:
-        part.tofile(fout)
-        total += part.nbytes
-        del part
-        if written is not None:
-            written(name)
-    if total != nbytes or info.nbytes != nbytes:
-        raise AssertionError(f"wrote {total} bytes for a tensor of {info.nbytes}")
-    writer.write_padding(fout, nbytes)
-    writer.state = gguf.gguf_writer.WriterState.WEIGHTS
 
 
 def write_gguf_file(ckpt: Checkpoint, out: Path, outtype: str = "auto", split_max_size=None,
@@ -482,14 +464,12 @@ def write_gguf_file(ckpt: Checkpoint, out: Path, outtype: str = "auto", split_ma
     quantizer = _llama_cpp_quantizer() if outtype in LLAMA_CPP_TYPES else None
     with claim(out), scratch_beside(out) as stage:
         if quantizer is None:
-            type_name, file_type = GGUF_PY_TYPES[outtype]
-            written = write_gguf(ckpt, stage / out.name, type_name, file_type, split)
+            written = write_gguf(ckpt, stage / out.name, outtype, split)
         else:  # a float GGUF first, then llama.cpp's quantizer
             base = {torch.bfloat16: "bf16", torch.float32: "f32"}.get(ckpt.main_dtype(), "f16")
-            type_name, file_type = GGUF_PY_TYPES[base]
-            intermediate = write_gguf(ckpt, stage / f"intermediate-{base}.gguf", type_name, file_type)[0]
+            intermediate = write_gguf(ckpt, stage / f"intermediate-{base}.gguf", base)[0]
             note(f"quantizing to {outtype.upper()} with llama.cpp")
-            quantizer(intermediate, stage / out.name, LLAMA_CPP_TYPES[outtype])
+            quantizer(intermediate, stage / out.name, _file_type(LLAMA_CPP_TYPES[outtype]))
             written = [stage / out.name]
         finals = publish(written, out.parent, force)
     return {"tensors": len(ckpt.tensors), "bytes": sum(f.stat().st_size for f in finals), "shards": len(finals),

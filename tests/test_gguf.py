@@ -2,6 +2,7 @@
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +12,11 @@ from gguf.quants import dequantize
 from safetensors.torch import load_file
 
 from mixq.convert import convert_checkpoint, open_checkpoint
+from mixq.convert.gguf_stream import PRIVATE, VERIFIED
 from tests.models import native_state, tiny_params, tiny_torrent, write_torrent
 from tests.oracle import native_logits
 
+ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [1, 733, 16289, 28793, 1824, 349, 574, 16020, 2076, 2487, 28804, 733, 28748, 16289, 28793]
 
 
@@ -201,6 +204,44 @@ def test_inspect_gguf(cli, tmp_path):
     assert info["layout"] == "gguf" and info["architecture"] == "mixtral"
     assert info["dtypes"] == {"Q8_0": 34, "F32": 7}
     assert info["metadata"]["general.file_type"] == 7 and info["chat_template"] is True
+
+
+def test_the_type_tables_name_gguf_enums_with_llama_h_ids():
+    """The converter names gguf's enum members; gguf holds the numbers, which are llama.h's. The tokenizer's token
+    types are numbers of its own (tokenizer.py does not import gguf), gguf's TokenType."""
+    import gguf
+
+    from mixq.convert import tokenizer
+    from mixq.convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
+    assert all(gguf.GGMLQuantizationType[t] in gguf.GGML_QUANT_SIZES for t, _ in GGUF_PY_TYPES.values())
+    names = {outtype: name for outtype, (_, name) in GGUF_PY_TYPES.items()} | LLAMA_CPP_TYPES
+    assert {outtype: gguf.LlamaFileType[name] for outtype, name in names.items()} == {  # llama.h's llama_ftype
+        "f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q2_k": 10,
+        "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+    assert {t.name: t.value for t in gguf.TokenType} == {
+        name: getattr(tokenizer, name) for name in ("NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE")}
+
+
+def test_the_pinned_gguf_range_is_the_verified_one():
+    assert f'"gguf{VERIFIED}"' in (ROOT / "pyproject.toml").read_text()
+
+
+@pytest.mark.parametrize("name", PRIVATE)
+def test_a_gguf_without_the_writer_state_streamed_through_is_refused(cli, tmp_path, monkeypatch, name):
+    """Experts are streamed through GGUFWriter's private state: a gguf-py without it gives one line, no output."""
+    import gguf
+
+    class Renamed(gguf.GGUFWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            setattr(self, "_" + name, self.__dict__.pop(name))
+
+    monkeypatch.setattr(gguf, "GGUFWriter", Renamed)
+    tiny_torrent(tmp_path / "src", layers=1)
+    result = cli("convert", tmp_path / "src", tmp_path / "m.gguf", "--to", "gguf")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert f"lacks GGUFWriter.{name}," in result.stderr and f"install gguf{VERIFIED}" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------

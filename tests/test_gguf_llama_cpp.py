@@ -11,6 +11,15 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="needs the llama-cpp extra (
 pytestmark = pytest.mark.llamacpp
 
 
+def test_the_file_types_are_llama_cpps():
+    """gguf's LlamaFileType, by which the converter names its file types, against llama.cpp's own ids."""
+    import gguf
+
+    from mixq.convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
+    for name in [name for _, name in GGUF_PY_TYPES.values()] + list(LLAMA_CPP_TYPES.values()):
+        assert gguf.LlamaFileType[name] == getattr(llama_cpp, f"LLAMA_FTYPE_{name}"), name
+
+
 @pytest.fixture
 def llama():
     models = []
