@@ -343,7 +343,7 @@ def _add_metadata(writer, ckpt: Checkpoint, file_type: int, quantized: bool) -> 
     g = gguf.Keys.General
     general = ckpt.source_config if ckpt.layout == "gguf" else {}
     writer.add_type("model")
-    name = general.get(g.NAME) or ckpt.path.stem.replace("_", " ")
+    name = general.get(g.NAME) or ckpt.path.resolve().stem.replace("_", " ")  # "." names its folder
     writer.add_key_value(g.NAME, name, gguf.GGUFValueType.STRING)  # add_name would leave out an empty name
     for key, add in ((g.BASENAME, writer.add_basename), (g.FINETUNE, writer.add_finetune),
                      (g.SIZE_LABEL, writer.add_size_label), (g.LICENSE, writer.add_license),
@@ -388,6 +388,9 @@ def _add_vocab(writer, vocab: Vocab | None, spec: ModelSpec) -> None:
     writer.add_token_scores([float(s) for s in scores])
     writer.add_token_types([int(t) for t in types])
     if vocab.model == "gpt2":
+        if not vocab.merges:  # gguf-py would leave the key out, and llama.cpp refuses such a file
+            raise MixqError("the tokenizer is a byte-level BPE (gpt2) without merges: llama.cpp cannot load its "
+                            "GGUF; pass a tokenizer.json that has them")
         writer.add_token_merges(list(vocab.merges))
     for value, add in ((vocab.bos_id, writer.add_bos_token_id), (vocab.eos_id, writer.add_eos_token_id),
                        (vocab.unk_id, writer.add_unk_token_id), (vocab.pad_id, writer.add_pad_token_id)):

@@ -197,6 +197,20 @@ def test_sentencepiece_vocabulary_round_trip(tmp_path):
         assert rebuilt.encode(text) == original.encode(text)
 
 
+def test_a_byte_level_bpe_without_merges_is_refused(tmp_path):
+    """gguf-py leaves an empty merges key out and llama.cpp refuses the file: refused before it is written."""
+    from dataclasses import replace
+
+    from mixq.convert import MixqError
+    from mixq.convert.ggufio import write_gguf_file
+    tiny_torrent(tmp_path / "src", layers=1)
+    ckpt = open_checkpoint(tmp_path / "src")
+    ckpt.vocab = replace(ckpt.vocab, model="gpt2", merges=[])
+    with pytest.raises(MixqError, match="byte-level BPE \\(gpt2\\) without merges"):
+        write_gguf_file(ckpt, tmp_path / "m.gguf", "f16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 def test_inspect_gguf(cli, tmp_path):
     tiny_torrent(tmp_path / "src")
     convert_checkpoint(tmp_path / "src", tmp_path / "m.gguf", "gguf", outtype="q8_0")
