@@ -1,106 +1,23 @@
-"""The `mixq` command: argument parsing and output only; the work is done by library functions.
-
-Exit codes: 0 success; 1 bad input or a failed step (one line on stderr says what and where); 2 usage error;
-3 a check that ran but missed its threshold; 130 interrupted (SIGINT), 143 terminated (SIGTERM), 129 hung up
-(SIGHUP); 70 internal error (a bug: please report it).
-"""
+"""The `mixq` command: flags mapped onto mixq.api, nothing more (exit codes: mixq/console.py; tables:
+mixq/render.py)."""
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-import signal
 import sys
-import traceback
 
 import click
 
+from mixq.console import EXIT_THRESHOLD, SIZE, command, stop_on_signals
 from mixq.convert import progress
 from mixq.convert.architecture import EXPERT_NAMINGS
 from mixq.convert.checkpoint import LABEL_DTYPES
-from mixq.convert.errors import MixqError
 from mixq.convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
 from mixq.convert.progress import human_bytes
 from mixq.quantize.device import COMPUTE_DTYPES
 from mixq.quantize.formats import FORMATS
+from mixq.render import provenance_rows, render_check, render_inspect, render_quantize, render_report, table
 
-EXIT_INPUT, EXIT_THRESHOLD, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 3, 70, 130
-
-
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP, raised in the main thread like KeyboardInterrupt so staging is removed on the way out."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _terminate(signum, frame):
-    raise Terminated(signum)
-
-
-def command(fn):
-    """Run a command body: errors become one line and an exit code; the result is printed as table or JSON."""
-    @functools.wraps(fn)
-    def wrapper(*args, json_out: bool = False, quiet: bool = False, **kwargs):
-        progress.set_quiet(quiet or json_out)
-        try:
-            result, render = fn(*args, **kwargs)
-        except MixqError as exc:
-            click.echo(f"mixq: error: {exc}", err=True)
-            sys.exit(EXIT_INPUT)
-        except click.ClickException:  # a usage error found by the command itself: click prints it, exit 2
-            raise
-        except KeyboardInterrupt:
-            click.echo("mixq: interrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        except Terminated as exc:
-            click.echo(f"mixq: terminated by {signal.Signals(exc.signum).name}", err=True)
-            sys.exit(128 + exc.signum)
-        except OSError as exc:  # the disk or the system refused (full, read-only, permissions): not a bug
-            click.echo(f"mixq: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
-                       err=True)
-            sys.exit(EXIT_INPUT)
-        except Exception as exc:  # a bug: one line, and the traceback on request
-            if os.environ.get("MIXQ_DEBUG"):
-                traceback.print_exc()
-            click.echo(f"mixq: internal error: {type(exc).__name__}: {exc} (MIXQ_DEBUG=1 shows the traceback)",
-                       err=True)
-            sys.exit(EXIT_INTERNAL)
-        if json_out:
-            click.echo(json.dumps(result, indent=2, default=str))
-        elif not quiet and render:
-            click.echo(render(result))
-        return result
-
-    wrapper = click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")(wrapper)
-    return click.option("--json", "json_out", is_flag=True,
-                        help="Print the result as JSON on stdout (implies --quiet).")(wrapper)
-
-
-class Size(click.ParamType):
-    """A byte count or a size such as 5GB or 2GiB; anything else is a usage error (exit 2)."""
-    name = "size"
-
-    def convert(self, value, param, ctx):
-        from mixq.convert.hf import parse_size
-        try:
-            size = parse_size(value)
-        except MixqError as exc:
-            self.fail(str(exc), param, ctx)
-        if size <= 0:
-            self.fail(f"{value!r} is not a positive size", param, ctx)
-        return size
-
-
-SIZE = Size()
 COMPUTE_DTYPE_HELP = "Arithmetic of calibration and evaluation (auto: f32 on a CPU, bf16 on CUDA)."
-
-
-def table(rows: list[tuple[str, object]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -150,26 +67,7 @@ def inspect_cmd(path, layout):
     from mixq.convert import inspect_checkpoint
     info = inspect_checkpoint(path, layout)
 
-    def render(i):
-        hp = i["hyperparameters"]
-        rows = [("path", i["path"]), ("layout", i["layout"]), ("architecture", i["architecture"]),
-                ("layers", hp["num_layers"]), ("hidden", hp["hidden_size"]),
-                ("heads (kv)", f"{hp['num_heads']} ({hp['num_kv_heads']}), head_dim {hp['head_dim']}"),
-                ("ffn", hp["intermediate_size"])]
-        if hp["num_experts"]:
-            rows.append(("experts", f"{hp['num_experts']} ({hp['experts_per_tok']} per token)"))
-        rows += [("vocab", hp["vocab_size"]), ("rope_theta", hp["rope_theta"]),
-                 ("context", hp["max_position_embeddings"]), ("tied embeddings", hp["tie_word_embeddings"]),
-                 ("tensors", i["tensors"]), ("parameters", f"{i['parameters']:,}"),
-                 ("dtypes", ", ".join(f"{k} x{v}" for k, v in sorted(i["dtypes"].items()))),
-                 ("size", human_bytes(i["total_bytes"]))]
-        tok = i["tokenizer"]
-        rows.append(("tokenizer", "none" if tok is None else
-                     f"{tok['kind']}, {tok['vocab_size']} tokens, bos {tok['bos']!r}, eos {tok['eos']!r}"))
-        rows.append(("chat template", "yes" if i["chat_template"] else "no"))
-        return table(rows)
-
-    return info, render
+    return info, render_inspect
 
 
 # ---- calibration --------------------------------------------------------------------------------------------
@@ -204,16 +102,6 @@ def calibration_kwargs(kwargs: dict) -> dict:
     return {k: kwargs.pop(k) for k in keys}
 
 
-def _provenance_rows(p: dict) -> list[tuple[str, object]]:
-    rows = [("source", p.get("source")), ("blocks", f"{p.get('samples')} x {p.get('seqlen')} tokens "
-                                                    f"({p.get('mode')}, seed {p.get('seed')})")]
-    if p.get("shortfall"):
-        rows.append(("shortfall", f"{p['shortfall']} blocks fewer than the {p['requested_samples']} requested"))
-    rows += [("documents", p.get("documents")), ("text sha256", p.get("text_sha256")),
-             ("tokenizer", f"{p.get('tokenizer_name')} ({p.get('tokenizer')})")]
-    return rows
-
-
 @main.group("calibration")
 def calibration_group():
     """Prepare and inspect calibration token blocks."""
@@ -230,7 +118,7 @@ def calibration_prepare(model, output, force, **kwargs):
     """Sample calibration blocks with MODEL's tokenizer and chat template; save them with their provenance."""
     from mixq import api
     result = api.prepare_calibration(model, output=output, force=force, **calibration_kwargs(kwargs))
-    return result, lambda r: table([("written", output)] + _provenance_rows(r))
+    return result, lambda r: table([("written", output)] + provenance_rows(r))
 
 
 @calibration_group.command("sources")
@@ -248,7 +136,7 @@ def calibration_inspect(path):
     from mixq.calibration import Blocks
     blocks = Blocks.load(path)
     result = {"path": path, "shape": list(blocks.tokens.shape), **blocks.provenance}
-    return result, lambda r: table([("file", path), ("shape", r["shape"])] + _provenance_rows(r))
+    return result, lambda r: table([("file", path), ("shape", r["shape"])] + provenance_rows(r))
 
 
 # ---- check --------------------------------------------------------------------------------------------------
@@ -304,23 +192,6 @@ def _stream(quiet: bool):
     return show
 
 
-def _render_check(r: dict) -> str:
-    rows = [("model", f"{r['model']} ({r['layout']})")]
-    if r.get("reference"):
-        rows.append(("reference", r["reference"]))
-    rows += [("text", f"{r['eval'].get('source')} (sha256 {str(r['eval'].get('text_sha256'))[:12]})"),
-             ("method", f"{r['method']}, {r['windows']} windows of {r['seqlen']}, {r['tokens']} tokens scored"),
-             ("perplexity", f"{r['perplexity']:.4f}")]
-    if r.get("reference_perplexity") is not None:
-        rows += [("reference perplexity", f"{r['reference_perplexity']:.4f}"),
-                 ("difference", f"{r['delta']:+.4f} ({r['delta_percent']:+.2f}%)"), ("KL", f"{r['kl']:.5f}")]
-    rows += [("device", f"{r['device']} ({r['dtype']})"), ("time", f"{r['seconds']:.1f} s")]
-    out = table(rows)
-    for i, g in enumerate(r["generations"]):
-        out += f"\n\n[{i + 1}] {g['prompt']}\n{g['text'].strip()}"
-    return out
-
-
 @main.command("check")
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("--reference", type=click.Path(path_type=str), default=None,
@@ -345,11 +216,11 @@ def check_cmd(model, reference, device, compute_dtype, output, force, fail_above
     if not progress.is_quiet() and report["generations"]:
         click.echo("", err=True)
     if fail_above is not None and report.get("delta_percent", 0) > fail_above:
-        click.echo(_render_check(report), err=True)
+        click.echo(render_check(report), err=True)
         click.echo(f"mixq: check failed: perplexity {report['delta_percent']:+.2f}% above the reference "
                    f"(limit {fail_above}%)", err=True)
         sys.exit(EXIT_THRESHOLD)
-    return report, _render_check
+    return report, render_check
 
 
 # ---- quantize -----------------------------------------------------------------------------------------------
@@ -397,25 +268,7 @@ def _run_quantize(method, model, out, kwargs, **options):
     report = api.quantize(model, out, method, **calib, **shared, check=check if checking else False, **options)
     if checking and not progress.is_quiet() and report["check"]["generations"]:
         click.echo("", err=True)
-    return report, _render_quantize
-
-
-def _render_quantize(r: dict) -> str:
-    s = r["settings"]
-    rows = [("output", r.get("output", "")), ("method", f"{r['method']} -> {r['format']} format"),
-            ("scheme", f"{s['scheme']['bits']}-bit, group {s['scheme']['group_size']}, "
-                       f"{'sym' if s['scheme']['sym'] else 'asym'}"),
-            ("layers", len(r["layers"])), ("size", human_bytes(r["bytes"])), ("time", f"{r['seconds']:.1f} s")]
-    errors = [layer["output_error"] for layer in r["layers"] if "output_error" in layer]
-    if errors:
-        rows.append(("layer output error", f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}"))
-    if r.get("expert_coverage"):
-        c = r["expert_coverage"]
-        rows.append(("experts", f"fewest routed tokens {c['min_routed_tokens']}, "
-                                f"{c['experts_without_routed_tokens']} expert-layers without any"))
-    if r.get("check"):
-        rows.append(("check", r["check"].get("summary", "")))
-    return table(rows)
+    return report, render_quantize
 
 
 @main.group("quantize")
@@ -504,22 +357,13 @@ def report_cmd(folder):
     from mixq.quantize.release.summary import release_summary
     rows = release_summary(folder)
 
-    def render(rs):
-        head = f"{'artifact':40} {'size':>10} {'perplexity':>11} {'reference':>10} {'delta':>9} {'KL':>9}"
-        lines = [head, "-" * len(head)]
-        for r in rs:
-            ppl = lambda k, f: f.format(r[k]) if r.get(k) is not None else "-"  # noqa: E731
-            lines.append(f"{r['artifact'][:40]:40} {human_bytes(r['bytes']):>10} {ppl('perplexity', '{:.4f}'):>11} "
-                         f"{ppl('reference_perplexity', '{:.4f}'):>10} {ppl('delta_percent', '{:+.2f}%'):>9} "
-                         f"{ppl('kl', '{:.5f}'):>9}")
-        return "\n".join(lines)
-    return rows, render
+    return rows, render_report
 
 
 @main.command("preflight")
 @click.argument("model", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--method", "methods", multiple=True, type=click.Choice(["awq", "gptq"]),
+@click.option("--method", "methods", multiple=True, type=click.Choice(list(FORMATS)),
               help="A repository the pipeline will quantize (repeat).")
 @click.option("--outtype", "outtypes", multiple=True, help="A GGUF type the pipeline will write (repeat).")
 @click.option("--calib", default=None, help="The calibration source the pipeline will read.")
@@ -553,8 +397,7 @@ def fetch_cmd(name):
 
 
 def run():  # console script entry
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _terminate)
+    stop_on_signals()
     main(prog_name="mixq")
 
 
