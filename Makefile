@@ -36,13 +36,15 @@ MAX_NEW ?= 128
 OUTTYPES ?= q8_0 q4_k_m
 QUANT_FLAGS ?=
 CHECK_FLAGS ?=
+DEVICE_MEMORY ?=
 LICENSE ?= apache-2.0
 ANCHORS ?=
 
 QUANT_ARGS = --bits $(BITS) --group-size $(GROUP) --calib $(CALIB) --samples $(SAMPLES) --seqlen $(SEQLEN) \
-	--expert-naming $(EXPERT_NAMING) $(QUANT_FLAGS)
+	--expert-naming $(EXPERT_NAMING) $(if $(DEVICE_MEMORY),--device-memory $(DEVICE_MEMORY)) $(QUANT_FLAGS)
 CHECK_ARGS = --eval $(EVAL) --seqlen $(EVAL_SEQLEN) --max-new-tokens $(MAX_NEW) \
-	$(if $(EVAL_TOKENS),--max-tokens $(EVAL_TOKENS)) $(CHECK_FLAGS)
+	$(if $(EVAL_TOKENS),--max-tokens $(EVAL_TOKENS)) $(if $(DEVICE_MEMORY),--device-memory $(DEVICE_MEMORY)) \
+	$(CHECK_FLAGS)
 GGUF_FILES = $(foreach t,$(OUTTYPES),$(OUT)/gguf/$(NAME)-$(t).gguf)
 K_QUANTS = $(filter q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k,$(OUTTYPES))
 # what the goals on the command line will make: preflight checks their needs before the first step

@@ -38,6 +38,10 @@ class TensorRef:
     load: Callable[[], torch.Tensor]
     release: Callable[[], None] = _nothing
     nbytes: int = 0               # bytes on disk
+    # a quantized linear: its packed tensors, and how to turn them (loaded, on any device) into the weight; lets a
+    # reader keep the packed form resident and dequantize just in time
+    packed: dict[str, TensorRef] | None = None
+    unpack: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
 
 
 @dataclass

@@ -55,11 +55,12 @@ def check(model, *, reference=None, eval: str = "shakespeare", eval_method: str 
           max_tokens: int | None = None, prompts=None, max_new_tokens: int = 128, temperature: float = 0.0,
           top_p: float = 1.0, seed: int = 0, eval_batch: int = 4, split: str | None = None,
           field: str | None = None, device: str = "auto", compute_dtype: str = "auto", output=None,
-          force: bool = False, stream=None) -> dict:
+          force: bool = False, stream=None, device_memory=None) -> dict:
     """`mixq check`: perplexity (against `reference` when given, with KL) and sample generations.
 
-    `output`: write the report there (refused before the evaluation if it exists, unless `force`); `stream`:
-    called as stream(prompt_index, text) while generating.
+    `device_memory`: bytes (or a size such as "20GB") the check may keep on the device at once (default: the
+    device's, less a margin; unlimited on a CPU). `output`: write the report there (refused before the evaluation
+    if it exists, unless `force`); `stream`: called as stream(prompt_index, text) while generating.
     """
     from mixq.convert.errors import MixqError
     from mixq.convert.output import refuse_existing
@@ -72,7 +73,7 @@ def check(model, *, reference=None, eval: str = "shakespeare", eval_method: str 
                        max_tokens=max_tokens, prompts=None if prompts is None else list(prompts) or None,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                        device=device, dtype=compute_dtype, batch=eval_batch, split=split, text_field=field,
-                       stream=stream)
+                       stream=stream, device_memory=device_memory)
     if output is not None:
         save_report(report, output)
     return report
@@ -82,13 +83,15 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
              seed: int = 0, mode: str = "concat", split: str | None = None, field: str | None = None,
              allow_fewer: bool = False, bits: int = 4, group_size: int = 128, expert_naming: str = "classic",
              device: str = "auto", compute_dtype: str = "auto", batch: int = 8, shard_size: str | int = "5GB",
-             resume: bool = False, force: bool = False, check: bool | dict = False, **options) -> dict:
+             resume: bool = False, force: bool = False, check: bool | dict = False, device_memory=None,
+             **options) -> dict:
     """`mixq quantize METHOD MODEL OUT`: an AWQ-GEMM or GPTQ-v1 repository at `out`; returns its report.
 
     `options` are the method's own (METHOD_OPTIONS: gptq sym, damp, act_order, static_groups, true_sequential;
     awq zero_point, grid, clip, duo_scaling, router_scaling; rtn format, sym). `check`: True, or a dict of
     `check()`'s keyword arguments, runs the check against `model` afterwards and adds it to the report (the
-    evaluation text is resolved before any work).
+    evaluation text is resolved before any work). `device_memory`: as check()'s, for the quantization (the
+    calibration activations move to host memory when they do not fit beside one layer's work) and its check.
     """
     from mixq.calibration import prepare
     from mixq.calibration.sources import load_texts
@@ -119,7 +122,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
         sym = fmt.name == "gptq" if o["sym"] is None else o["sym"]
     settings = Settings(method=method, scheme=fmt.scheme(bits, group_size, sym), fmt=fmt.name,
                         expert_naming=expert_naming, device=device, dtype=compute_dtype, batch=batch,
-                        shard_size=parse_size(shard_size), **extra)
+                        shard_size=parse_size(shard_size), device_memory=device_memory, **extra)
     check_options = ({} if check is True else dict(check)) if check else None
     check_inputs(model, out, settings, force)  # before the calibration text is tokenized
     if check_options is not None:  # the evaluation text must resolve before hours of quantization, not after
@@ -132,8 +135,8 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
                          text_field=field, allow_fewer=allow_fewer)
     report = quantize_model(model, out, settings, blocks, force=force, resume=resume)
     if check_options is not None:
-        result = globals()["check"](out, reference=model, **({"device": device, "compute_dtype": compute_dtype}
-                                                               | check_options))
+        shared = {"device": device, "compute_dtype": compute_dtype, "device_memory": device_memory}
+        result = globals()["check"](out, reference=model, **(shared | check_options))
         save_report(result, Path(out) / CHECK_FILE)
         report["check"] = result
         save_report(report, Path(out) / "report.json")

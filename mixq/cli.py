@@ -18,6 +18,11 @@ from mixq.quantize.formats import FORMATS
 from mixq.render import provenance_rows, render_check, render_inspect, render_quantize, render_report, table
 
 COMPUTE_DTYPE_HELP = "Arithmetic of calibration and evaluation (auto: f32 on a CPU, bf16 on CUDA)."
+DEVICE_MEMORY = click.option(
+    "--device-memory", type=SIZE, default=None,
+    help="Most bytes on the device at once, e.g. 20GB (default: the device's less 8%, at least 2 GiB; unlimited on a "
+         "CPU). The check reads layers that do not fit per token (quantized ones stay packed); quantization keeps "
+         "the calibration activations in host memory when they do not fit.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -200,19 +205,21 @@ def _stream(quiet: bool):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--compute-dtype", "--dtype", "compute_dtype", type=click.Choice(COMPUTE_DTYPES), default="auto",
               show_default=True, help=COMPUTE_DTYPE_HELP)
+@DEVICE_MEMORY
 @click.option("-o", "--output", type=click.Path(path_type=str), default=None, help="Write the report (JSON) here.")
 @click.option("--force", is_flag=True, help="Replace the report at --output if it exists.")
 @click.option("--fail-above", type=float, default=None,
               help="Exit with code 3 when the perplexity exceeds the reference's by more than this many percent.")
 @command
-def check_cmd(model, reference, device, compute_dtype, output, force, fail_above, **kwargs):
+def check_cmd(model, reference, device, compute_dtype, device_memory, output, force, fail_above, **kwargs):
     """Perplexity and sample generations for an HF, AWQ, GPTQ or GGUF checkpoint."""
     from mixq import api
     if fail_above is not None and reference is None:  # a gate with nothing to compare would always pass
         raise click.UsageError("--fail-above needs --reference: the limit is on the increase over the reference's "
                                "perplexity")
     report = api.check(model, reference=reference, device=device, compute_dtype=compute_dtype, output=output,
-                       force=force, stream=_stream(progress.is_quiet()), **check_kwargs(kwargs))
+                       force=force, device_memory=device_memory, stream=_stream(progress.is_quiet()),
+                       **check_kwargs(kwargs))
     if not progress.is_quiet() and report["generations"]:
         click.echo("", err=True)
     if fail_above is not None and report.get("delta_percent", 0) > fail_above:
@@ -240,6 +247,7 @@ def engine_options(fn):
                      show_default=True, help=COMPUTE_DTYPE_HELP),
         click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
                      help="Calibration blocks per forward pass."),
+        DEVICE_MEMORY,
         click.option("--shard-size", type=SIZE, default="5GB", show_default=True, help="Largest safetensors shard."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer."),
         click.option("--force", is_flag=True, help="Replace OUT if it exists."),
@@ -261,7 +269,7 @@ def _run_quantize(method, model, out, kwargs, **options):
     checking = kwargs.pop("run_check")
     check = check_kwargs(kwargs)
     shared = {k: kwargs.pop(k) for k in ("bits", "group_size", "expert_naming", "device", "compute_dtype", "batch",
-                                         "shard_size", "resume", "force")}
+                                         "shard_size", "resume", "force", "device_memory")}
     calib = calibration_kwargs(kwargs) if method != "rtn" else {}
     if check and checking:
         check["stream"] = _stream(progress.is_quiet())

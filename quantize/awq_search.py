@@ -15,14 +15,21 @@ CLIP_TOKENS = 512        # AutoAWQ's n_sample_token
 CLIP_SHRINK = 0.5        # AutoAWQ's max_shrink: clipping thresholds down to half the group maximum
 
 
-def search_scale(inputs: torch.Tensor, weights: dict, modules: tuple[str, ...], inspect, settings) -> torch.Tensor:
-    """The per-input-channel scale for `modules` that minimises the error of `inspect`'s output."""
+def search_scale(chunks: list[torch.Tensor], weights: dict, modules: tuple[str, ...], inspect, settings,
+                 device) -> torch.Tensor:
+    """The per-input-channel scale for `modules` that minimises the mean squared error of `inspect`'s output.
+
+    `chunks` are the group's inputs a chunk at a time (wherever they live; each is brought to `device` when used)
+    and `inspect(weights, chunk)` the output of the module the group feeds on one chunk, so the working set is one
+    chunk whatever the calibration size; the unquantized outputs are kept beside their chunks."""
     scheme: Scheme = settings.scheme
-    x_mean = inputs.reshape(-1, inputs.shape[-1]).abs().float().mean(0)
+    rows = sum(c.reshape(-1, c.shape[-1]).shape[0] for c in chunks)
+    x_mean = sum(c.to(device).reshape(-1, c.shape[-1]).abs().float().sum(0) for c in chunks) / rows
     stacked = torch.cat([weights[f"{m}.weight"] for m in modules], dim=0).float()
     groups = stacked.abs().reshape(-1, scheme.group_size)
     w_mean = (groups / (groups.amax(dim=1, keepdim=True) + 1e-6)).reshape(stacked.shape).mean(0)
-    reference = inspect(weights).float()
+    del stacked, groups
+    reference = [inspect(weights, c.to(device)).float().to(c.device) for c in chunks]
     best, best_loss = None, float("inf")
     for step in range(settings.grid):
         ratio = step / settings.grid
@@ -36,12 +43,30 @@ def search_scale(inputs: torch.Tensor, weights: dict, modules: tuple[str, ...], 
         for m in modules:
             weight = weights[f"{m}.weight"]
             trial[f"{m}.weight"] = (fake_quantize(weight * s.to(weight.dtype), scheme) / s.to(weight.dtype))
-        loss = float((reference - inspect(trial).float()).pow(2).mean())
+        total = count = 0
+        for c, ref in zip(chunks, reference):
+            out = inspect(trial, c.to(device)).float()
+            total += float((ref.to(device) - out).pow(2).sum())
+            count += out.numel()
+        loss = total / count
         if loss < best_loss:
             best, best_loss = s.clone(), loss
     if best is None:
         raise RuntimeError(f"AWQ found no finite loss for {', '.join(modules)}")
-    return best.to(stacked.device)
+    return best
+
+
+def clip_rows(chunks: list[torch.Tensor], device) -> torch.Tensor:
+    """Every (rows // CLIP_TOKENS)-th row of the chunks' rows taken together, on `device`: the tokens AutoAWQ's
+    clip search samples from all of them."""
+    rows = sum(c.reshape(-1, c.shape[-1]).shape[0] for c in chunks)
+    step = max(1, rows // CLIP_TOKENS)
+    picked, offset = [], 0
+    for c in chunks:
+        flat = c.reshape(-1, c.shape[-1])
+        picked.append(flat[(-offset) % step::step].to(device))
+        offset += flat.shape[0]
+    return torch.cat(picked)
 
 
 def apply_scales(weights: dict, spec, scales: dict[str, torch.Tensor], scale_router: bool = True) -> None:
@@ -63,11 +88,10 @@ def apply_scales(weights: dict, spec, scales: dict[str, torch.Tensor], scale_rou
 
 def clip(weight: torch.Tensor, inputs: torch.Tensor, scheme: Scheme, grid: int = 20) -> torch.Tensor:
     """Clip each group of `weight` to the threshold (down to CLIP_SHRINK of its max) whose quantized output on
-    `inputs` is closest to the unquantized one: AutoAWQ's _search_best_clip."""
+    `inputs` (rows sampled by clip_rows) is closest to the unquantized one: AutoAWQ's _search_best_clip."""
     out_features, in_features = weight.shape
     group = scheme.group_size
-    x = inputs.reshape(-1, in_features).float()
-    x = x[:: max(1, x.shape[0] // CLIP_TOKENS)].reshape(-1, in_features // group, group)   # [tokens, groups, g]
+    x = inputs.reshape(-1, in_features).float().reshape(-1, in_features // group, group)     # [tokens, groups, g]
     w_all = weight.float().reshape(out_features, -1, group)                                   # [out, groups, g]
     batch = 256 if out_features % 256 == 0 else 64 if out_features % 64 == 0 else out_features
     limits = []

@@ -25,13 +25,14 @@ from mixq.convert.hf import (
     write_tokenizer_files,
 )
 from mixq.convert.output import claim, refuse_existing, refuse_overlap, replace_path, staged_file, write_file
-from mixq.convert.progress import bar, note
+from mixq.convert.progress import bar, human_bytes, note
 from mixq.convert.safetensors_io import SafetensorsFile, SafetensorsWriter
 from mixq.convert.spec import ModelSpec
 
 from .device import compute_dtype, pick_device
 from .formats import Format, get_format
 from .forward import Rotary, decoder_layer
+from .memory import Budget, activation_bytes, tensor_bytes
 from .methods import layer_method
 from .quantizer import QuantizedWeight, Scheme
 
@@ -62,6 +63,7 @@ class Settings:
     dtype: str = "auto"
     batch: int = 8                       # calibration samples per forward chunk
     shard_size: int = 5_000_000_000
+    device_memory: int | str | None = None   # bytes on the device at once (memory.Budget); never changes the numbers
 
     @property
     def format(self) -> Format:
@@ -73,24 +75,37 @@ class Settings:
         return d
 
     def fingerprint(self) -> str:
-        keep = {k: v for k, v in self.as_dict().items() if k != "shard_size"}  # all that changes the numbers
+        keep = {k: v for k, v in self.as_dict().items() if k not in ("shard_size", "device_memory")}  # the numbers
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
 class LayerContext:
-    """What a method sees of one layer: its weights (mutable: AWQ rescales them) and its calibration inputs."""
+    """What a method sees of one layer: its weights (mutable: AWQ rescales them) and its calibration inputs.
+
+    The inputs, and whatever a method keeps of the same size, live at `home`: the device when the budget holds
+    them, host memory when it does not. A method works on them one chunk of `settings.batch` samples at a time
+    (`inputs(chunk)` brings one to the device, `keep(t)` sends a result home), always in the same chunks whatever
+    the budget, so where they live never changes a number."""
     index: int
     spec: ModelSpec
     weights: dict[str, torch.Tensor]     # layer-relative names with ".weight", compute dtype, on the device
-    x: torch.Tensor | None               # [samples, seqlen, hidden] inputs of the layer (None for RTN)
+    x: torch.Tensor | None               # [samples, seqlen, hidden] inputs of the layer, at home (None for RTN)
     rope: Rotary | None
     settings: Settings
     stats: dict = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")
+    home: torch.device = torch.device("cpu")
 
     def chunks(self):
         for start in range(0, self.x.shape[0], self.settings.batch):
             yield slice(start, start + self.settings.batch)
+
+    def inputs(self, chunk: slice) -> torch.Tensor:
+        return self.x[chunk].to(self.device)
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.home)
 
     def w(self, module: str) -> torch.Tensor:
         return self.weights[f"{module}.weight"]
@@ -109,6 +124,50 @@ def validate(spec: ModelSpec, settings: Settings) -> None:
             raise MixqError(f"model.layers.0.{lin.module}: {problem}")
 
 
+# tensors the size of the calibration activations a method keeps at once, beside the layer's inputs and outputs:
+# GPTQ the post-attention norm's outputs; AWQ those of both norms, the attention context, the reference output of
+# the group being searched and the down projections' routed inputs (about one more for Mixtral)
+METHOD_COPIES = {"rtn": 0, "gptq": 1, "awq": 5}
+
+
+def layer_working_set(spec: ModelSpec, settings: Settings, dtype: torch.dtype, seqlen: int) -> int:
+    """Device bytes quantizing one layer needs beside the calibration activations: the layer's weights, their
+    unquantized copy and the dequantized result; GPTQ's largest Hessian with its factors, or AWQ's widest smoothing
+    group in fp32 beside its fake-quantized trial; one chunk's activations."""
+    layer_plan = plan(spec)
+    layer = sum(tensor_bytes(s, dtype) for s in layer_plan.tensor_shapes.values())
+    if settings.method == "gptq":
+        widest = max(lin.shape[1] for lin in layer_plan.linears)
+        solver = 4 * widest * widest * 4
+    elif settings.method == "awq":
+        group = max(sum(math.prod(layer_plan.shape(m)) for m in g.linears) for g in layer_plan.smoothings)
+        solver = group * (4 + dtype.itemsize)
+    else:
+        solver = 0
+    return 3 * layer + solver + (activation_bytes(spec, settings.batch, seqlen) if seqlen else 0)
+
+
+def plan_memory(spec: ModelSpec, settings: Settings, blocks, device: torch.device, dtype: torch.dtype,
+                budget: Budget) -> tuple[torch.device, str]:
+    """Where the calibration activations live (the device when the budget holds them beside one layer's working
+    set, host memory otherwise), and the plan in one line; a budget that cannot hold the working set is refused."""
+    seqlen = blocks.tokens.shape[1] if blocks is not None else 0
+    working = layer_working_set(spec, settings, dtype, seqlen)
+    budget.require(working, f"quantizing one layer with {settings.method.upper()}")
+    home, where = device, "none"
+    if blocks is not None:
+        copies = (2 + METHOD_COPIES[settings.method]) * tensor_bytes((*blocks.tokens.shape, spec.hidden_size), dtype)
+        if budget.fits(working + copies):
+            budget.keep(copies)
+            where = "on the device"
+        else:
+            home, where = torch.device("cpu"), "in host memory"
+        where = f"{human_bytes(copies)} {where}"
+    budget.passing(working)
+    return home, (f"device memory {budget.describe()}: one layer's working set {human_bytes(working)}, calibration "
+                  f"activations {where}")
+
+
 def layer_outputs(ctx: LayerContext, weights: dict[str, torch.Tensor], counts: torch.Tensor | None = None,
                   reference: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
     """The layer's outputs on its calibration inputs; with `reference` weights also the relative error of the
@@ -116,12 +175,13 @@ def layer_outputs(ctx: LayerContext, weights: dict[str, torch.Tensor], counts: t
     out = torch.empty_like(ctx.x)
     err = ref_norm = 0.0
     for chunk in ctx.chunks():
-        y = decoder_layer(ctx.x[chunk], weights, ctx.spec, ctx.rope, counts)
+        x = ctx.inputs(chunk)
+        y = decoder_layer(x, weights, ctx.spec, ctx.rope, counts)
         if reference is not None:
-            y_ref = decoder_layer(ctx.x[chunk], reference, ctx.spec, ctx.rope)
+            y_ref = decoder_layer(x, reference, ctx.spec, ctx.rope)
             err += float((y - y_ref).float().pow(2).sum())
-            ref_norm += float((y_ref - ctx.x[chunk]).float().pow(2).sum())
-        out[chunk] = y
+            ref_norm += float((y_ref - x).float().pow(2).sum())
+        out[chunk] = ctx.keep(y)
     return out, (math.sqrt(err / ref_norm) if ref_norm else 0.0)
 
 
@@ -207,6 +267,8 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
     spec = ckpt.spec
     device = pick_device(settings.device)
     dtype = compute_dtype(settings.dtype, device)
+    budget = Budget.for_device(settings.device_memory, device)
+    home, memory_plan = plan_memory(spec, settings, blocks, device, dtype, budget)  # refuses a budget too small
     work = Work(out)
     calibration = dict(blocks.provenance) if blocks is not None else None
     key = {"settings": settings.fingerprint(), "model": str(model.resolve()),
@@ -228,18 +290,19 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
         rope = Rotary.build(spec, seqlen, device, dtype)
         if state["next_layer"] == 0:
             embed = ckpt.get("model.embed_tokens.weight")
-            x = embed[blocks.tokens].to(device=device, dtype=dtype)
+            x = embed[blocks.tokens].to(device=home, dtype=dtype)
             ckpt.release("model.embed_tokens.weight")
         else:
-            x = work.hidden(device)
+            x = work.hidden(home)
     quantize_layer = layer_method(settings.method)
+    note(memory_plan)
     with bar(total=spec.num_layers, initial=state["next_layer"], desc=f"{settings.method} layers",
              unit="layer") as pbar:
         for layer in range(state["next_layer"], spec.num_layers):
             t0 = time.perf_counter()
             weights = ckpt.layer(layer, device, dtype)
             original = dict(weights) if x is not None else None
-            ctx = LayerContext(layer, spec, weights, x, rope, settings)
+            ctx = LayerContext(layer, spec, weights, x, rope, settings, device=device, home=home)
             quantized = quantize_layer(ctx)
             for module, qw in quantized.items():
                 weights[f"{module}.weight"] = qw.dequantize(dtype).to(device)
@@ -258,7 +321,7 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
             pbar.update(1)
             pbar.set_postfix(err=f"{record.get('output_error', 0):.4f}")
 
-    return _finish(ckpt, out, work, settings, state, calibration, device, dtype, force, started)
+    return _finish(ckpt, out, work, settings, state, calibration, device, dtype, force, started, budget)
 
 
 def _write_layer(path: Path, layer: int, spec: ModelSpec, quantized: dict[str, QuantizedWeight],
@@ -300,7 +363,7 @@ def output_plan(spec: ModelSpec, settings: Settings) -> list[tuple[str, tuple[in
 
 
 def _finish(ckpt: Checkpoint, out: Path, work: Work, settings: Settings, state: dict, calibration: dict | None,
-            device, dtype, force: bool, started: float) -> dict:
+            device, dtype, force: bool, started: float, budget: Budget) -> dict:
     """Assemble the layer files and the rest of the repository into shards, then move it into place."""
     spec = ckpt.spec
     final = work.path / "repo"
@@ -330,7 +393,8 @@ def _finish(ckpt: Checkpoint, out: Path, work: Work, settings: Settings, state: 
     report = {
         "method": settings.method, "format": settings.fmt, "settings": settings.as_dict(),
         "model": str(ckpt.path), "architecture": spec.arch, "calibration": calibration,
-        "device": str(device), "compute_dtype": torch_name(dtype),
+        "device": str(device), "compute_dtype": torch_name(dtype), "device_memory": budget.limit,
+        "peak_device_bytes": budget.peak_device_bytes(),
         "layers": state["layers"], "files": sorted(p.name for p in final.iterdir()),
         "bytes": sum(p.stat().st_size for p in final.iterdir() if p.is_file()),
     }

@@ -15,7 +15,8 @@ from mixq.convert.output import write_file
 from mixq.convert.progress import note
 
 from ..device import compute_dtype, pick_device
-from .generate import DEFAULT_PROMPTS, LoadedModel, generate
+from ..memory import Budget
+from .generate import DEFAULT_PROMPTS, LoadedModel, generate, prompt_ids
 from .perplexity import make_windows, perplexity
 from .repository import quantization_method, read_quantized
 
@@ -57,12 +58,15 @@ def run_check(model: str | Path, eval_source: str = "shakespeare", reference: st
               method: str = "windows", seqlen: int = 2048, max_tokens: int | None = None, prompts=None,
               max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
               device: str = "auto", dtype: str = "auto", batch: int = 4, split: str | None = None,
-              text_field: str | None = None, stream=None) -> dict:
+              text_field: str | None = None, stream=None, device_memory=None) -> dict:
+    """Perplexity and sample generations; `device_memory` (bytes or a size such as 20GB; default: the device's,
+    less a margin, unlimited on a CPU) bounds what is on the device at once (memory.Budget)."""
     from mixq.calibration import load_tokenizer
     from mixq.calibration.blocks import evaluation_ids, tokenizer_fingerprint
     started = time.perf_counter()
     torch_device = pick_device(device)
     torch_dtype = compute_dtype(dtype, torch_device)
+    budget = Budget.for_device(device_memory, torch_device)
     ckpt = open_any(model, torch_dtype)
     tokenizer = load_tokenizer(model)
     ref = None
@@ -77,16 +81,19 @@ def run_check(model: str | Path, eval_source: str = "shakespeare", reference: st
     report = {"model": str(model), "layout": ckpt.layout, "reference": str(reference) if reference else None,
               "eval": provenance, "device": str(torch_device), "dtype": torch_name(torch_dtype)}
     with torch.no_grad():
-        report.update(perplexity(ckpt, windows, torch_device, torch_dtype, batch, ref))
+        report.update(perplexity(ckpt, windows, torch_device, torch_dtype, batch, ref, budget))
     prompts = list(DEFAULT_PROMPTS) if prompts is None else list(prompts)
     report["generations"] = []
     if prompts and max_new_tokens > 0:
-        loaded = LoadedModel(ckpt, torch_device, torch_dtype)
+        context = max(len(prompt_ids(tokenizer, p)) for p in prompts) + max_new_tokens + 1
+        loaded = LoadedModel(ckpt, torch_device, torch_dtype, budget, context)
         report["generations"] = generate(loaded, tokenizer, prompts, max_new_tokens, temperature, top_p, seed,
                                          stream)
         del loaded
     report["sampling"] = {"temperature": temperature, "top_p": top_p, "seed": seed,
                           "max_new_tokens": max_new_tokens}
+    report["device_memory"] = budget.limit
+    report["peak_device_bytes"] = budget.peak_device_bytes()
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["summary"] = summary(report)
     return report

@@ -10,6 +10,8 @@ import torch
 from mixq.convert.checkpoint import Checkpoint
 
 from ..forward import KVCache, Rotary, decoder_layer, rms_norm
+from ..memory import Budget, activation_bytes, tensor_bytes
+from .weights import LayerStore
 
 DEFAULT_PROMPTS = (
     "Explain in two sentences why the sky is blue.",
@@ -18,22 +20,31 @@ DEFAULT_PROMPTS = (
 
 
 class LoadedModel:
-    """Every weight of a checkpoint on the device (generation needs all layers for each token)."""
+    """A checkpoint ready to generate: embeddings, head and the KV cache resident, the decoder layers in a
+    LayerStore under the budget (every layer resident when there is none)."""
 
-    def __init__(self, ckpt: Checkpoint, device, dtype):
-        self.spec = ckpt.spec
+    def __init__(self, ckpt: Checkpoint, device, dtype, budget: Budget | None = None, context: int = 4096):
+        self.spec = spec = ckpt.spec
         self.device, self.dtype = device, dtype
-        self.layers = [ckpt.layer(layer, device, dtype) for layer in range(self.spec.num_layers)]
+        self.budget = budget or Budget(None, device)
+        # what every token needs whatever the layers: the KV cache at full context, the head, its activations
+        kv = 2 * spec.num_layers * context * spec.num_kv_heads * spec.head_dim * dtype.itemsize
+        outer = [n for n in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight") if n in ckpt.tensors]
+        fixed = kv + sum(tensor_bytes(ckpt.tensors[n].shape, dtype) for n in outer) + \
+            activation_bytes(spec, 1, context)
+        self.budget.require(fixed, f"the embeddings, head, activations and a {context}-token KV cache")
+        self.budget.keep(fixed)
         self.embed = ckpt.get("model.embed_tokens.weight").to(device=device, dtype=dtype)
         self.norm = ckpt.get("model.norm.weight").to(device=device, dtype=dtype)
-        self.head = self.embed if self.spec.tie_word_embeddings else \
+        self.head = self.embed if spec.tie_word_embeddings else \
             ckpt.get("lm_head.weight").to(device=device, dtype=dtype)
+        self.store = LayerStore(ckpt, device, dtype, self.budget)
 
     def step(self, ids: torch.Tensor, cache: KVCache, rope: Rotary) -> torch.Tensor:
         """Logits of the last position after feeding `ids` [1, T] at the cache's position."""
         x = self.embed[ids]
-        for i, weights in enumerate(self.layers):
-            x = decoder_layer(x, weights, self.spec, rope, cache=cache, layer=i)
+        for i in range(self.spec.num_layers):
+            x = decoder_layer(x, self.store.layer(i), self.spec, rope, cache=cache, layer=i)
         cache.length += ids.shape[1]
         return (rms_norm(x[:, -1], self.norm, self.spec.rms_norm_eps) @ self.head.T).float()[0]
 
@@ -67,10 +78,12 @@ def generate(model: LoadedModel, tokenizer, prompts, max_new_tokens: int = 128, 
         rope = Rotary.build(model.spec, len(ids) + max_new_tokens + 1, model.device, model.dtype)
         cache = KVCache(model.spec.num_layers)
         started = time.perf_counter()
+        moved, unpacked, steps = model.store.moved, sum(model.store.unpacked.values()), 0
         new: list[int] = []
         shown = ""
         with torch.no_grad():
             logits = model.step(torch.tensor([ids], device=model.device), cache, rope)
+            steps += 1
             while len(new) < max_new_tokens:
                 token = _next_token(logits, temperature, top_p, generator)
                 if token in eos:
@@ -81,8 +94,12 @@ def generate(model: LoadedModel, tokenizer, prompts, max_new_tokens: int = 128, 
                     stream(index, text[len(shown):])
                     shown = text
                 logits = model.step(torch.tensor([[token]], device=model.device), cache, rope)
+                steps += 1
         seconds = time.perf_counter() - started
         results.append({"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True),
                         "prompt_tokens": len(ids), "new_tokens": len(new), "tokens": new,
-                        "tokens_per_second": round(len(new) / seconds, 2) if seconds else None})
+                        "tokens_per_second": round(len(new) / seconds, 2) if seconds else None,
+                        # what the budget costs each forward step: bytes read into the device, linears dequantized
+                        "bytes_moved_per_step": round((model.store.moved - moved) / steps),
+                        "dequantized_per_step": round((sum(model.store.unpacked.values()) - unpacked) / steps, 2)})
     return results

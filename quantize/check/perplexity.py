@@ -18,11 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mixq.convert.architecture import plan
 from mixq.convert.checkpoint import Checkpoint
 from mixq.convert.errors import MixqError
 from mixq.convert.progress import bar
 
 from ..forward import Rotary, decoder_layer, rms_norm
+from ..memory import Budget, activation_bytes, tensor_bytes
 
 METHODS = ("windows", "llamacpp")
 
@@ -69,53 +71,77 @@ def _check_compatible(model: Checkpoint, reference: Checkpoint) -> None:
 
 
 def perplexity(model: Checkpoint, windows: Windows, device="cpu", dtype=torch.float32, batch: int = 4,
-               reference: Checkpoint | None = None) -> dict:
-    """Perplexity of `model` (and `reference`) on `windows`, and the KL divergence between them."""
+               reference: Checkpoint | None = None, budget: Budget | None = None) -> dict:
+    """Perplexity of `model` (and `reference`) on `windows`, and the KL divergence between them.
+
+    The layers stream one at a time; the hidden states of the windows stay on the device between layers, so under
+    a budget the windows are evaluated in groups whose states fit (whole batches: the same arithmetic, the same
+    result), each group streaming the layers again."""
     started = time.perf_counter()
+    budget = budget or Budget(None, device)
     models = [model] + ([reference] if reference is not None else [])
     if reference is not None:
         _check_compatible(model, reference)
     tokens = windows.tokens.to(device)
     spec = model.spec
-    rope = Rotary.build(spec, tokens.shape[1], device, dtype)
-    states = []
-    for ckpt in models:
-        embed = ckpt.get("model.embed_tokens.weight")
-        states.append(embed[windows.tokens].to(device=device, dtype=dtype))
-        if not ckpt.spec.tie_word_embeddings:
-            ckpt.release("model.embed_tokens.weight")
-        del embed
-    with bar(total=spec.num_layers, desc="perplexity", unit="layer") as pbar:
-        for layer in range(spec.num_layers):
-            for i, ckpt in enumerate(models):
-                weights = ckpt.layer(layer, device, dtype)
-                for start in range(0, tokens.shape[0], batch):
-                    states[i][start:start + batch] = decoder_layer(states[i][start:start + batch], weights,
-                                                                   ckpt.spec, rope)
-                del weights
-            pbar.update(1)
+    n, seqlen = tokens.shape
     heads = [_head(ckpt, device, dtype) for ckpt in models]
+    head_bytes = sum(t.numel() * t.element_size() for pair in heads for t in pair)
+    layer_bytes = max(sum(tensor_bytes(s, dtype) for s in plan(ckpt.spec).tensor_shapes.values()) for ckpt in models)
+    state_bytes = len(models) * seqlen * spec.hidden_size * dtype.itemsize        # per window
+    logits_bytes = (len(models) + 2) * batch * seqlen * spec.vocab_size * 4        # a batch's log-probabilities
+    work = layer_bytes + batch * state_bytes + activation_bytes(spec, batch, seqlen)
+    budget.require(head_bytes + max(work, logits_bytes), "perplexity: the heads, one layer and one batch of windows")
+    budget.keep(head_bytes)
+    group = n if budget.limit is None else \
+        max(batch, (budget.limit - budget.resident - max(work, logits_bytes)) // state_bytes // batch * batch)
+    rope = Rotary.build(spec, seqlen, device, dtype)
     first = windows.first_scored
     nll = [0.0 for _ in models]
     kl = 0.0
-    for start in range(0, tokens.shape[0], batch):
-        target = tokens[start:start + batch, first + 1:]
-        logps = []
-        for i, ckpt in enumerate(models):
-            norm, head = heads[i]
-            h = rms_norm(states[i][start:start + batch, first:-1], norm, ckpt.spec.rms_norm_eps)
-            logp = F.log_softmax((h @ head.T).float(), dim=-1)
-            nll[i] -= float(logp.gather(-1, target[..., None]).sum())
-            logps.append(logp)
-        if reference is not None:
-            kl += float((logps[1].exp() * (logps[1] - logps[0])).sum())
+    with bar(total=spec.num_layers * math.ceil(n / group), desc="perplexity", unit="layer") as pbar:
+        for begin in range(0, n, group):
+            rows = slice(begin, min(n, begin + group))
+            states = []
+            for ckpt in models:
+                embed = ckpt.get("model.embed_tokens.weight")
+                states.append(embed[windows.tokens[rows]].to(device=device, dtype=dtype))
+                if not ckpt.spec.tie_word_embeddings:
+                    ckpt.release("model.embed_tokens.weight")
+                del embed
+            budget.keep(len(models) * states[0].numel() * states[0].element_size())
+            for layer in range(spec.num_layers):
+                for i, ckpt in enumerate(models):
+                    weights = ckpt.layer(layer, device, dtype)
+                    budget.passing(layer_bytes + activation_bytes(spec, batch, seqlen))
+                    for start in range(0, states[i].shape[0], batch):
+                        states[i][start:start + batch] = decoder_layer(states[i][start:start + batch], weights,
+                                                                       ckpt.spec, rope)
+                    del weights
+                pbar.update(1)
+            budget.passing(logits_bytes)
+            for start in range(0, states[0].shape[0], batch):
+                target = tokens[rows][start:start + batch, first + 1:]
+                logps = []
+                for i, ckpt in enumerate(models):
+                    norm, head = heads[i]
+                    h = rms_norm(states[i][start:start + batch, first:-1], norm, ckpt.spec.rms_norm_eps)
+                    logp = F.log_softmax((h @ head.T).float(), dim=-1)
+                    nll[i] -= float(logp.gather(-1, target[..., None]).sum())
+                    logps.append(logp)
+                if reference is not None:
+                    kl += float((logps[1].exp() * (logps[1] - logps[0])).sum())
+            budget.drop(len(models) * states[0].numel() * states[0].element_size())
+            del states
+    budget.drop(head_bytes)
     count = windows.scored
-    result = {"perplexity": math.exp(nll[0] / count), "tokens": count, "windows": int(tokens.shape[0]),
+    result = {"perplexity": math.exp(nll[0] / count), "tokens": count, "windows": int(n),
               "seqlen": int(tokens.shape[1]), "method": windows.method,
               "seconds": round(time.perf_counter() - started, 3)}
     if reference is not None:
         ref_ppl = math.exp(nll[1] / count)
         result.update(reference_perplexity=ref_ppl, delta=result["perplexity"] - ref_ppl,
                       delta_percent=100 * (result["perplexity"] / ref_ppl - 1), kl=kl / count)
+    result["window_groups"] = math.ceil(n / group)   # how often the layers were streamed (1 without a budget)
     result["tokens_per_second"] = round(count * len(models) / result["seconds"], 1)
     return result

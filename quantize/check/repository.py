@@ -96,15 +96,19 @@ def _float(ref: TensorRef, canonical: str, dtype: torch.dtype) -> TensorRef:
 
 def _dequantized(parts: dict[str, TensorRef], fmt: Format, bits: int, shape: tuple[int, int],
                  dtype: torch.dtype) -> TensorRef:
-    def load() -> torch.Tensor:
-        weight = fmt.unpack({s: ref.load() for s, ref in parts.items()}, bits).to(dtype)
+    def unpack(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        weight = fmt.unpack(tensors, bits).to(dtype)
         if tuple(weight.shape) != shape:
             raise MixqError(f"{parts['qweight'].source}: unpacks to {list(weight.shape)}, expected {list(shape)}")
         return weight
+
+    def load() -> torch.Tensor:
+        return unpack({s: ref.load() for s, ref in parts.items()})
 
     def release() -> None:
         for ref in parts.values():
             ref.release()
 
     return TensorRef(shape=shape, dtype=dtype, stored=f"{fmt.name.upper()}-{bits}bit", source=parts["qweight"].source,
-                     load=load, release=release, nbytes=sum(r.nbytes for r in parts.values()))
+                     load=load, release=release, nbytes=sum(r.nbytes for r in parts.values()), packed=parts,
+                     unpack=unpack)

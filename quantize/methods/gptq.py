@@ -41,10 +41,10 @@ def quantize_layer(ctx) -> dict:
 
     mlp_inputs = []   # the post-attention norm's outputs, kept for the down projections' inputs
     for reads, modules in layer_plan.groups.items():
-        hess = Hessian(layer_plan.shape(modules[0])[1], ctx.x.device)
+        hess = Hessian(layer_plan.shape(modules[0])[1], ctx.device)
         if reads in (ATTN_NORM, ATTN_CONTEXT, MLP_NORM):
             for chunk in ctx.chunks():
-                x = ctx.x[chunk]
+                x = ctx.inputs(chunk)
                 h = rms_norm(x, src["input_layernorm.weight"], eps)
                 if reads == ATTN_NORM:
                     hess.add(h)
@@ -53,12 +53,14 @@ def quantize_layer(ctx) -> dict:
                 if reads == ATTN_CONTEXT:
                     hess.add(context)
                     continue
-                mlp_inputs.append(rms_norm(x + context @ src["self_attn.o_proj.weight"].T,
-                                           src["post_attention_layernorm.weight"], eps))
-                hess.add(mlp_inputs[-1])
+                h = rms_norm(x + context @ src["self_attn.o_proj.weight"].T, src["post_attention_layernorm.weight"],
+                             eps)
+                hess.add(h)
+                mlp_inputs.append(ctx.keep(h))
         else:   # a down projection reads silu(gate(h)) * up(h), from all tokens
             gate, up = layer_plan.gate_up(reads)
             for h in mlp_inputs:
+                h = h.to(ctx.device)
                 hess.add(F.silu(h @ src[f"{gate}.weight"].T) * (h @ src[f"{up}.weight"].T))
         run(modules, hess)
     ctx.stats["gptq_loss"] = losses
