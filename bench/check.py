@@ -40,7 +40,7 @@ def mixq_tokens_per_second(path: Path, tokens, dtype, device) -> float:
     import torch
 
     from mixq.quantize.check import open_any
-    from mixq.quantize.check.perplexity import Windows, perplexity
+    from mixq.quantize.check.evaluate import Windows, perplexity
     result = perplexity(open_any(path, dtype), Windows(tokens, 0, "windows"), device, dtype, batch=4)
     if device != "cpu":
         torch.cuda.synchronize()

@@ -95,7 +95,7 @@ def main() -> None:
     from mixq.calibration.fixtures import smollm2_hf
     from mixq.convert import open_checkpoint, progress
     from mixq.quantize import Settings, quantize_model
-    from mixq.quantize.check.perplexity import make_windows, perplexity
+    from mixq.quantize.check.evaluate import make_windows, perplexity
     from mixq.quantize.check.repository import read_quantized
     from mixq.quantize.formats import FORMATS
     progress.set_quiet(True)

@@ -24,6 +24,13 @@ def torch_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def owned(tensor: torch.Tensor, device="cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`tensor` on `device` in `dtype`, in memory of its own (a copy when it was already there: a tensor read from
+    a file may be the file's mapping)."""
+    moved = tensor.to(device=device, dtype=dtype)
+    return moved.clone() if moved.data_ptr() == tensor.data_ptr() else moved
+
+
 def _nothing() -> None:
     return None
 
@@ -65,16 +72,18 @@ class Checkpoint:
     def release(self, name: str) -> None:
         self.tensors[name].release()
 
+    def take(self, name: str, device="cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A tensor on `device` (in `dtype` when given) in memory of its own, the file's pages it was read from
+        released (released while still mapped, they would come back when read, and stay)."""
+        taken = owned(self.get(name), device, dtype)
+        self.release(name)
+        return taken
+
     def layer(self, index: int, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Decoder layer `index`'s tensors by layer-relative name, on `device` (in `dtype` when given), each
-        released from the file cache once copied: the unit the engine and the evaluators stream."""
+        """Decoder layer `index`'s tensors by layer-relative name (`take`n): the unit the engine and the evaluators
+        stream."""
         prefix = f"model.layers.{index}."
-        weights = {}
-        for name in self.tensors:
-            if name.startswith(prefix):
-                weights[name[len(prefix):]] = self.get(name).to(device=device, dtype=dtype)
-                self.release(name)
-        return weights
+        return {name[len(prefix):]: self.take(name, device, dtype) for name in self.tensors if name.startswith(prefix)}
 
     @property
     def total_bytes(self) -> int:

@@ -12,8 +12,8 @@ from mixq.calibration.blocks import evaluation_ids
 from mixq.convert import MixqError
 from mixq.quantize import Scheme, Settings, quantize_model
 from mixq.quantize.check import open_any, run_check
+from mixq.quantize.check.evaluate import make_windows, perplexity
 from mixq.quantize.check.generate import LoadedModel, generate, prompt_ids
-from mixq.quantize.check.perplexity import make_windows, perplexity
 from mixq.quantize.formats import FORMATS
 from tests.test_quantize_engine import tiny_hf
 

@@ -12,8 +12,8 @@ from mixq.convert import MixqError
 from mixq.convert.architecture import plan
 from mixq.quantize import Settings, quantize_model
 from mixq.quantize.check import open_any, run_check
+from mixq.quantize.check.evaluate import make_windows, perplexity
 from mixq.quantize.check.generate import LoadedModel, generate
-from mixq.quantize.check.perplexity import make_windows, perplexity
 from mixq.quantize.formats import FORMATS
 from mixq.quantize.forward import KVCache, Rotary
 from mixq.quantize.memory import Budget, tensor_bytes
@@ -160,3 +160,53 @@ def test_a_quantization_budget_below_one_layer_is_refused(cli, tmp_path):
                  "--device-memory", "100kB")
     assert result.exit_code == 1 and "is too small: quantizing one layer with GPTQ needs at least" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+CHECK_RSS = """
+import json, os, sys, threading, time
+from mixq.convert import progress
+from mixq.quantize.check import run_check
+progress.set_quiet(True)
+small, big, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
+kwargs = dict(eval_source="shakespeare", seqlen=64, max_tokens=4 * 64, prompts=["Hi"], max_new_tokens=3,
+              device="cpu", batch=1)
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+run_check(small, **kwargs)   # imports, tokenizer, text and first allocations: the interpreter's share
+base, peak, running = resident(), [0], [True]
+
+def sample():
+    while running[0]:
+        peak[0] = max(peak[0], resident())
+        time.sleep(0.002)
+
+thread = threading.Thread(target=sample)
+thread.start()
+report = run_check(big, device_memory=budget, **kwargs)
+running[0] = False
+thread.join()
+print(json.dumps({"grew": peak[0] - base, "peak": report["peak_device_bytes"]}))
+"""
+
+
+def test_on_a_cpu_the_budget_bounds_the_process(tmp_path):
+    """A model several times the budget: the process grows by no more than the budget and two layers (one read
+    from the file's pages, one in the compute dtype)."""
+    import json
+    import subprocess
+    import sys
+    small = tiny_hf(tmp_path / "small", layers=1, dim=64, hidden_dim=128)
+    big = tiny_hf(tmp_path / "big", layers=8, dim=256, hidden_dim=2048, experts=8)
+    ckpt = open_any(big)
+    full, _, layer = _sizes(ckpt)
+    fixed = _fixed(ckpt, 80)
+    budget = fixed + layer + layer // 4
+    assert full + fixed > 3 * budget
+    proc = subprocess.run([sys.executable, "-c", CHECK_RSS, str(small), str(big), str(budget)], capture_output=True,
+                          text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["peak"] <= budget
+    assert layer < result["grew"] <= budget + 2 * layer, (result, budget, layer)  # a layer is read, no more kept

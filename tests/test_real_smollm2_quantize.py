@@ -11,7 +11,7 @@ from mixq.calibration.blocks import evaluation_ids
 from mixq.calibration.fixtures import smollm2_hf
 from mixq.convert import open_checkpoint
 from mixq.quantize import Scheme, Settings, quantize_model
-from mixq.quantize.check.perplexity import make_windows, perplexity
+from mixq.quantize.check.evaluate import make_windows, perplexity
 from mixq.quantize.check.repository import read_quantized
 from mixq.quantize.formats import FORMATS
 from tests.test_quantize_engine import assert_consumer_agrees, forward_logits, run_consumer

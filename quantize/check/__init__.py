@@ -16,8 +16,8 @@ from mixq.convert.progress import note
 
 from ..device import compute_dtype, pick_device
 from ..memory import Budget
+from .evaluate import make_windows, perplexity
 from .generate import DEFAULT_PROMPTS, LoadedModel, generate, prompt_ids
-from .perplexity import make_windows, perplexity
 from .repository import quantization_method, read_quantized
 
 CHECK_FILE = "check.json"

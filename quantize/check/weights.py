@@ -16,7 +16,7 @@ from collections import Counter
 import torch
 
 from mixq.convert.architecture import plan
-from mixq.convert.checkpoint import Checkpoint
+from mixq.convert.checkpoint import Checkpoint, owned
 from mixq.convert.progress import human_bytes, note
 
 from ..memory import Budget, tensor_bytes
@@ -67,15 +67,13 @@ class LayerStore:
         ref = self.ckpt.tensors[name]
         if not ref.packed:
             return self._load(name)
-        parts = {s: part.load().to(self.device) for s, part in ref.packed.items()}
+        parts = {s: owned(part.load(), self.device) for s, part in ref.packed.items()}
         for part in ref.packed.values():
             part.release()
         return parts
 
     def _load(self, name: str) -> torch.Tensor:
-        tensor = self.ckpt.get(name).to(device=self.device, dtype=self.dtype)
-        self.ckpt.release(name)
-        return tensor
+        return self.ckpt.take(name, self.device, self.dtype)
 
     def layer(self, index: int) -> LayerWeights:
         return LayerWeights(self, index)
