@@ -115,6 +115,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/quantize.py $(if $(ANCHORS),--anchors $(ANCHORS))
 	$(PY) bench/check.py
 	$(PY) bench/small_model.py $(if $(ANCHORS),--anchors $(ANCHORS))
+	$(PY) bench/scale.py
 
 clean-venv:
 	rm -rf $(VENV)
