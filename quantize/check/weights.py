@@ -42,17 +42,15 @@ class LayerStore:
         for layer in range(spec.num_layers):
             prefix = f"model.layers.{layer}."
             names = [n for n in ckpt.tensors if n.startswith(prefix)]
-            if budget.limit is None:
-                kept = {n[len(prefix):]: self._load(n) for n in names}
-            else:
-                size = sum(self._compact_bytes(n) for n in names)
-                if not budget.fits(self.layer_bytes + size):
-                    self.resident.append({})
-                    continue
-                kept = {n[len(prefix):]: self._compact(n) for n in names}
-                packed += sum(isinstance(v, dict) for v in kept.values())
-            budget.keep(sum(self._compact_bytes(n) if budget.limit is not None else
-                            tensor_bytes(ckpt.tensors[n].shape, dtype) for n in names))
+            unlimited = budget.limit is None   # then every layer resident as the forward reads it, the fastest
+            size = sum(tensor_bytes(ckpt.tensors[n].shape, dtype) if unlimited else self._compact_bytes(n)
+                       for n in names)
+            if not unlimited and not budget.fits(self.layer_bytes + size):
+                self.resident.append({})
+                continue
+            kept = {n[len(prefix):]: self._load(n) if unlimited else self._compact(n) for n in names}
+            packed += sum(isinstance(v, dict) for v in kept.values())
+            budget.keep(size)
             self.resident.append(kept)
         self.streamed = sum(not layer for layer in self.resident)
         note(f"device memory {budget.describe()}: {spec.num_layers - self.streamed} of {spec.num_layers} layers "
