@@ -1,12 +1,12 @@
 """Decoder layers on the device under a memory budget, for forwards that need every layer per token (generation).
 
-Without a budget every layer is resident in the compute dtype (dequantized, for AWQ/GPTQ repositories): the
-fastest path. With one, as many layers as fit stay resident in their compact form -- the packed codes, scales and
-zeros of a quantized repository (a quarter of fp16), the compute dtype otherwise -- and the rest stay where the
-checkpoint keeps them (the file's pages, host memory) and are read when a forward reaches them. A packed linear is
-dequantized just in time, when the forward asks for it; the MoE forward asks only for the experts the router
-picked, so at decode only those are dequantized or read. Room for one whole layer in the compute dtype is kept
-free for the tensors made that way (a prefill may route to every expert).
+Without a budget, or with one that holds them all so, every layer is resident in the compute dtype (dequantized,
+for AWQ/GPTQ repositories): the fastest path. Otherwise as many layers as fit stay resident in their compact form --
+the packed codes, scales and zeros of a quantized repository (a quarter of fp16), the compute dtype otherwise -- and
+the rest stay where the checkpoint keeps them (the file's pages, host memory) and are read when a forward reaches
+them. A packed linear is dequantized just in time, when the forward asks for it; the MoE forward asks only for the
+experts the router picked, so at decode only those are dequantized or read. Room for one whole layer in the compute
+dtype is kept free for the tensors made that way (a prefill may route to every expert).
 """
 
 from __future__ import annotations
@@ -39,10 +39,12 @@ class LayerStore:
         self.unpacked = Counter()           # (layer, module) -> times dequantized just in time
         self.read = Counter()               # (layer, module) -> times read from the checkpoint
         packed = 0
+        layers = [n for n in ckpt.tensors if n.startswith("model.layers.")]
+        # every layer resident as the forward reads it (dequantized), the fastest, when the budget holds them all
+        unlimited = budget.fits(sum(tensor_bytes(ckpt.tensors[n].shape, dtype) for n in layers))
         for layer in range(spec.num_layers):
             prefix = f"model.layers.{layer}."
-            names = [n for n in ckpt.tensors if n.startswith(prefix)]
-            unlimited = budget.limit is None   # then every layer resident as the forward reads it, the fastest
+            names = [n for n in layers if n.startswith(prefix)]
             size = sum(tensor_bytes(ckpt.tensors[n].shape, dtype) if unlimited else self._compact_bytes(n)
                        for n in names)
             if not unlimited and not budget.fits(self.layer_bytes + size):
