@@ -48,9 +48,9 @@ def _fixed(ckpt, context):
     return unlimited.budget.resident - _sizes(ckpt)[0]
 
 
-def _generate(path, budget, context=64):
+def _generate(path, budget, context=64, host=None):
     ckpt = open_any(path)
-    model = LoadedModel(ckpt, "cpu", torch.float32, budget, context)
+    model = LoadedModel(ckpt, "cpu", torch.float32, budget, context, host)
     return model, generate(model, load_tokenizer(path), PROMPTS, max_new_tokens=12)
 
 
@@ -82,6 +82,26 @@ def test_generation_under_a_budget_is_token_identical(models, kind):
         assert all(isinstance(t, torch.Tensor) for t in model.store.resident[0].values())
         assert [g["tokens"] for g in got] == [g["tokens"] for g in expected]
         assert all(g["dequantized_per_step"] == 0 for g in got)
+
+
+@pytest.mark.parametrize("kind", ["awq", "hf"])
+def test_streamed_layers_held_in_host_memory_give_the_same_tokens(models, kind):
+    """The GPU's path (pinned host memory, which a CPU cannot pin): streamed layers copied once into host memory as
+    far as `host` allows, and read from there per token; what does not fit is read from the checkpoint."""
+    path = models[kind]
+    ckpt = open_any(path)
+    _, compact, layer = _sizes(ckpt)
+    small = _fixed(ckpt, 64) + layer + layer // 10
+    _, expected = _generate(path, Budget(None, "cpu"))
+    model, got = _generate(path, Budget(small, "cpu"), host=compact)
+    assert all(model.store.host) and model.store.streamed == ckpt.spec.num_layers
+    assert [g["tokens"] for g in got] == [g["tokens"] for g in expected]
+    assert set(model.store.read_from) == {"host"}
+    layers = ckpt.spec.num_layers
+    model, got = _generate(path, Budget(small, "cpu"), host=compact * 2 // layers)   # room for two layers
+    assert [bool(h) for h in model.store.host] == [True, True] + [False] * (layers - 2)
+    assert [g["tokens"] for g in got] == [g["tokens"] for g in expected]
+    assert set(model.store.read_from) == {"host", "checkpoint"}
 
 
 def test_decode_touches_only_the_routed_experts(models):

@@ -25,6 +25,7 @@ from mixq.convert.progress import bar
 
 from ..forward import Rotary, decoder_layer, rms_norm
 from ..memory import Budget, activation_bytes, tensor_bytes
+from .weights import head_weights
 
 METHODS = ("windows", "llamacpp")
 
@@ -58,12 +59,6 @@ def make_windows(ids: list[int], seqlen: int, method: str = "windows", bos_id: i
     return Windows(tokens, 0, method)
 
 
-def _head(ckpt: Checkpoint, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    norm = ckpt.get("model.norm.weight").to(device=device, dtype=dtype)
-    name = "model.embed_tokens.weight" if ckpt.spec.tie_word_embeddings else "lm_head.weight"
-    return norm, ckpt.get(name).to(device=device, dtype=dtype)
-
-
 def _check_compatible(model: Checkpoint, reference: Checkpoint) -> None:
     if model.spec.vocab_size != reference.spec.vocab_size:
         raise MixqError(f"{model.path} and the reference {reference.path} have different vocabularies "
@@ -85,7 +80,7 @@ def perplexity(model: Checkpoint, windows: Windows, device="cpu", dtype=torch.fl
     tokens = windows.tokens.to(device)
     spec = model.spec
     n, seqlen = tokens.shape
-    heads = [_head(ckpt, device, dtype) for ckpt in models]
+    heads = [head_weights(ckpt, device, dtype) for ckpt in models]
     head_bytes = sum(t.numel() * t.element_size() for pair in heads for t in pair)
     layer_bytes = max(sum(tensor_bytes(s, dtype) for s in plan(ckpt.spec).tensor_shapes.values()) for ckpt in models)
     state_bytes = len(models) * seqlen * spec.hidden_size * dtype.itemsize        # per window

@@ -11,7 +11,7 @@ from mixq.convert.checkpoint import Checkpoint
 
 from ..forward import KVCache, Rotary, decoder_layer, rms_norm
 from ..memory import Budget, activation_bytes, tensor_bytes
-from .weights import LayerStore
+from .weights import LayerStore, head_weights
 
 DEFAULT_PROMPTS = (
     "Explain in two sentences why the sky is blue.",
@@ -23,7 +23,8 @@ class LoadedModel:
     """A checkpoint ready to generate: embeddings, head and the KV cache resident, the decoder layers in a
     LayerStore under the budget (every layer resident when there is none)."""
 
-    def __init__(self, ckpt: Checkpoint, device, dtype, budget: Budget | None = None, context: int = 4096):
+    def __init__(self, ckpt: Checkpoint, device, dtype, budget: Budget | None = None, context: int = 4096,
+                 host: int | None = None):
         self.spec = spec = ckpt.spec
         self.device, self.dtype = device, dtype
         self.budget = budget or Budget(None, device)
@@ -34,11 +35,9 @@ class LoadedModel:
             activation_bytes(spec, 1, context)
         self.budget.require(fixed, f"the embeddings, head, activations and a {context}-token KV cache")
         self.budget.keep(fixed)
-        self.embed = ckpt.get("model.embed_tokens.weight").to(device=device, dtype=dtype)
-        self.norm = ckpt.get("model.norm.weight").to(device=device, dtype=dtype)
-        self.head = self.embed if spec.tie_word_embeddings else \
-            ckpt.get("lm_head.weight").to(device=device, dtype=dtype)
-        self.store = LayerStore(ckpt, device, dtype, self.budget)
+        self.norm, self.head = head_weights(ckpt, device, dtype)
+        self.embed = self.head if spec.tie_word_embeddings else ckpt.take("model.embed_tokens.weight", device, dtype)
+        self.store = LayerStore(ckpt, device, dtype, self.budget, host)
 
     def step(self, ids: torch.Tensor, cache: KVCache, rope: Rotary) -> torch.Tensor:
         """Logits of the last position after feeding `ids` [1, T] at the cache's position."""

@@ -3,14 +3,17 @@
 Without a budget, or with one that holds them all so, every layer is resident in the compute dtype (dequantized,
 for AWQ/GPTQ repositories): the fastest path. Otherwise as many layers as fit stay resident in their compact form --
 the packed codes, scales and zeros of a quantized repository (a quarter of fp16), the compute dtype otherwise -- and
-the rest stay where the checkpoint keeps them (the file's pages, host memory) and are read when a forward reaches
-them. A packed linear is dequantized just in time, when the forward asks for it; the MoE forward asks only for the
-experts the router picked, so at decode only those are dequantized or read. Room for one whole layer in the compute
-dtype is kept free for the tensors made that way (a prefill may route to every expert).
+the rest stream: on a GPU they are copied once, in their compact form, into pinned host memory (as much as the host
+can spare, half its available memory; what does not fit stays in the checkpoint's pages), from which each forward
+copies what it asks for asynchronously; on a CPU the checkpoint's pages already are host memory and are read as they
+are. A packed linear is dequantized just in time, when the forward asks for it; the MoE forward asks only for the
+experts the router picked, so at decode only those are dequantized or moved. Room for one whole layer in the
+compute dtype is kept free for the tensors made that way (a prefill may route to every expert).
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import torch
@@ -26,18 +29,45 @@ def _packed_bytes(ref) -> int:
     return sum(part.nbytes for part in ref.packed.values())
 
 
+def host_memory_to_spare() -> int:
+    """Half the host memory available now (MemAvailable: free plus what the kernel can reclaim)."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024 // 2
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def _nbytes(kept) -> int:
+    parts = kept.values() if isinstance(kept, dict) else [kept]
+    return sum(t.numel() * t.element_size() for t in parts)
+
+
+def head_weights(ckpt: Checkpoint, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final norm and the output projection (the embedding table when the two are tied), on the device."""
+    name = "model.embed_tokens.weight" if ckpt.spec.tie_word_embeddings else "lm_head.weight"
+    return ckpt.take("model.norm.weight", device, dtype), ckpt.take(name, device, dtype)
+
+
 class LayerStore:
     """Every decoder layer's weights: resident (a tensor, or the packed parts of one) or left in the checkpoint."""
 
-    def __init__(self, ckpt: Checkpoint, device, dtype: torch.dtype, budget: Budget):
+    def __init__(self, ckpt: Checkpoint, device, dtype: torch.dtype, budget: Budget, host: int | None = None):
+        """`host`: bytes of host memory the streamed layers may be copied into (default: on a GPU, what the host
+        can spare, pinned; on a CPU none, since a copy would only double what the checkpoint's pages hold)."""
         self.ckpt, self.device, self.dtype, self.budget = ckpt, torch.device(device), dtype, budget
+        self.pin = self.device.type == "cuda"
+        host = (host_memory_to_spare() if self.pin else 0) if host is None else host
         spec = ckpt.spec
         self.layer_bytes = sum(tensor_bytes(s, dtype) for s in plan(spec).tensor_shapes.values())
         budget.require(self.layer_bytes, "one decoder layer in the compute dtype")
         self.resident: list[dict[str, object]] = []
         self.moved = 0                      # bytes read into the device for tensors that were not resident
         self.unpacked = Counter()           # (layer, module) -> times dequantized just in time
-        self.read = Counter()               # (layer, module) -> times read from the checkpoint
+        self.read = Counter()               # (layer, module) -> times read from outside the device
+        self.read_from = Counter()          # "host" | "checkpoint" -> tensors read from there
+        self.host: list[dict[str, object]] = []   # a streamed layer's compact tensors in (pinned) host memory
         packed = 0
         layers = [n for n in ckpt.tensors if n.startswith("model.layers.")]
         # every layer resident as the forward reads it (dequantized), the fastest, when the budget holds them all
@@ -49,31 +79,48 @@ class LayerStore:
                        for n in names)
             if not unlimited and not budget.fits(self.layer_bytes + size):
                 self.resident.append({})
+                held = sum(self._compact_bytes(n) for n in names) <= host
+                self.host.append({n[len(prefix):]: self._compact(n, "cpu") for n in names} if held else {})
+                host -= sum(map(_nbytes, self.host[-1].values()))
                 continue
+            self.host.append({})
             kept = {n[len(prefix):]: self._load(n) if unlimited else self._compact(n) for n in names}
             packed += sum(isinstance(v, dict) for v in kept.values())
             budget.keep(size)
             self.resident.append(kept)
         self.streamed = sum(not layer for layer in self.resident)
+        held = sum(bool(layer) for layer in self.host)
+        where = f" ({held} from {'pinned ' if self.pin else ''}host memory)" if held else ""
         note(f"device memory {budget.describe()}: {spec.num_layers - self.streamed} of {spec.num_layers} layers "
-             f"resident{' (packed)' if packed else ''}, {self.streamed} read per token; room for one layer "
+             f"resident{' (packed)' if packed else ''}, {self.streamed} read per token{where}; room for one layer "
              f"({human_bytes(self.layer_bytes)}) kept free; {human_bytes(budget.resident)} resident")
 
     def _compact_bytes(self, name: str) -> int:
         ref = self.ckpt.tensors[name]
         return _packed_bytes(ref) if ref.packed else tensor_bytes(ref.shape, self.dtype)
 
-    def _compact(self, name: str):
+    def _compact(self, name: str, device=None):
+        """`name` on `device` (default: the store's) in its compact form: packed parts, or the compute dtype; in
+        host memory on a GPU's host, pinned, so that copies to the device run asynchronously."""
+        device = device or self.device
         ref = self.ckpt.tensors[name]
         if not ref.packed:
-            return self._load(name)
-        parts = {s: owned(part.load(), self.device) for s, part in ref.packed.items()}
+            return self._pinned(self.ckpt.take(name, device, self.dtype))
+        parts = {s: self._pinned(owned(part.load(), device)) for s, part in ref.packed.items()}
         for part in ref.packed.values():
             part.release()
         return parts
 
+    def _pinned(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory() if self.pin and tensor.device.type == "cpu" else tensor
+
     def _load(self, name: str) -> torch.Tensor:
         return self.ckpt.take(name, self.device, self.dtype)
+
+    def _from_host(self, kept):
+        if isinstance(kept, dict):
+            return {s: t.to(self.device, non_blocking=True) for s, t in kept.items()}
+        return kept.to(self.device, non_blocking=True)
 
     def layer(self, index: int) -> LayerWeights:
         return LayerWeights(self, index)
@@ -96,17 +143,16 @@ class LayerWeights:
         if kept is not None:   # packed on the device: dequantized now
             tensor = store.ckpt.tensors[f"model.layers.{self.index}.{name}"].unpack(kept)
             store.unpacked[module] += 1
-        else:      # left in the checkpoint: read now (a quantized one moves packed and is dequantized here)
+        else:      # streamed: moved now, from host memory or the checkpoint (a quantized one packed, then dequantized)
             full = f"model.layers.{self.index}.{name}"
             ref = store.ckpt.tensors[full]
-            store.moved += ref.nbytes
-            if ref.packed:
-                parts = store._compact(full)
-                tensor = ref.unpack(parts)
-                del parts
-            else:
-                tensor = store._load(full)
+            held = store.host[self.index].get(name)
+            moved = store._from_host(held) if held is not None else store._compact(full)
+            store.moved += _nbytes(moved)
+            tensor = ref.unpack(moved) if isinstance(moved, dict) else moved
+            del moved
             store.read[module] += 1
+            store.read_from["host" if held is not None else "checkpoint"] += 1
         self.made += tensor_bytes(tensor.shape, tensor.dtype)
         store.budget.passing(self.made)
         return tensor
