@@ -11,6 +11,7 @@ reports on a CPU. On CUDA the allocator's own peak (`torch.cuda.max_memory_alloc
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -31,6 +32,16 @@ def activation_bytes(spec, sequences: int, seqlen: int) -> int:
     widest = max(spec.num_heads * spec.head_dim + 2 * spec.num_kv_heads * spec.head_dim,
                  2 * spec.intermediate_size, spec.num_heads * seqlen)
     return 3 * sequences * seqlen * widest * 4 + spec.vocab_size * 4
+
+
+def host_memory_to_spare() -> int:
+    """Half the host memory available now (MemAvailable: free plus what the kernel can reclaim)."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024 // 2
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 class Budget:
@@ -72,6 +83,12 @@ class Budget:
     def passing(self, nbytes: int) -> None:
         """Count `nbytes` that live only for one step on top of what is resident."""
         self.peak = max(self.peak, self.resident + nbytes)
+
+    def room(self) -> int:
+        """Bytes still free under the limit; unlimited: on a CPU what the host can spare, elsewhere all of it."""
+        if self.limit is not None:
+            return max(0, self.limit - self.resident)
+        return host_memory_to_spare() if self.device.type == "cpu" else 1 << 62
 
     def require(self, nbytes: int, what: str) -> None:
         """Refuse, before any work, a budget that cannot hold `nbytes` on top of what is resident."""

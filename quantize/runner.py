@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mixq.convert import open_checkpoint
-from mixq.convert.architecture import EXPERT_NAMINGS, plan, spelled
+from mixq.convert.architecture import EXPERT_NAMINGS, expert_modules, plan, spelled
 from mixq.convert.checkpoint import Checkpoint, torch_name
 from mixq.convert.errors import MixqError
 from mixq.convert.hf import (
@@ -96,6 +96,7 @@ class LayerContext:
     stats: dict = field(default_factory=dict)
     device: torch.device = torch.device("cpu")
     home: torch.device = torch.device("cpu")
+    sweep: int = 1                       # GPTQ: expert matrices swept together (memory.Budget's choice)
 
     def chunks(self):
         for start in range(0, self.x.shape[0], self.settings.batch):
@@ -147,10 +148,18 @@ def layer_working_set(spec: ModelSpec, settings: Settings, dtype: torch.dtype, s
     return 3 * layer + solver + (activation_bytes(spec, settings.batch, seqlen) if seqlen else 0)
 
 
+def sweep_matrix_bytes(spec: ModelSpec, settings: Settings) -> int:
+    """What one more expert matrix in a GPTQ sweep costs: its weight in fp32, its codes, its inverse-Hessian
+    factor and its static groups' parameters."""
+    rows, cols = plan(spec).shape(expert_modules(0)[2]) if spec.is_moe else (0, 0)
+    return rows * cols * 5 + cols * cols * 4 + 2 * rows * (cols // settings.scheme.group_size) * 4
+
+
 def plan_memory(spec: ModelSpec, settings: Settings, blocks, device: torch.device, dtype: torch.dtype,
-                budget: Budget) -> tuple[torch.device, str]:
+                budget: Budget) -> tuple[torch.device, int, str]:
     """Where the calibration activations live (the device when the budget holds them beside one layer's working
-    set, host memory otherwise), and the plan in one line; a budget that cannot hold the working set is refused."""
+    set, host memory otherwise), how many expert matrices GPTQ sweeps at once (as many as the room left holds;
+    never a number changed), and the plan in one line; a budget that cannot hold the working set is refused."""
     seqlen = blocks.tokens.shape[1] if blocks is not None else 0
     working = layer_working_set(spec, settings, dtype, seqlen)
     budget.require(working, f"quantizing one layer with {settings.method.upper()}")
@@ -163,9 +172,15 @@ def plan_memory(spec: ModelSpec, settings: Settings, blocks, device: torch.devic
         else:
             home, where = torch.device("cpu"), "in host memory"
         where = f"{human_bytes(copies)} {where}"
+    sweep, swept = 1, ""
+    if settings.method == "gptq" and spec.is_moe:
+        per = sweep_matrix_bytes(spec, settings)
+        sweep = max(1, min(spec.num_experts, (budget.room() - working) // per + 1))
+        working += (sweep - 1) * per
+        swept = f", {sweep} of {spec.num_experts} expert down projections swept at once"
     budget.passing(working)
-    return home, (f"device memory {budget.describe()}: one layer's working set {human_bytes(working)}, calibration "
-                  f"activations {where}")
+    return home, sweep, (f"device memory {budget.describe()}: one layer's working set {human_bytes(working)}, "
+                         f"calibration activations {where}{swept}")
 
 
 def layer_outputs(ctx: LayerContext, weights: dict[str, torch.Tensor], counts: torch.Tensor | None = None,
@@ -268,7 +283,8 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
     device = pick_device(settings.device)
     dtype = compute_dtype(settings.dtype, device)
     budget = Budget.for_device(settings.device_memory, device)
-    home, memory_plan = plan_memory(spec, settings, blocks, device, dtype, budget)  # refuses a budget too small
+    # refuses a budget too small
+    home, sweep, memory_plan = plan_memory(spec, settings, blocks, device, dtype, budget)
     work = Work(out)
     calibration = dict(blocks.provenance) if blocks is not None else None
     key = {"settings": settings.fingerprint(), "model": str(model.resolve()),
@@ -302,7 +318,7 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
             t0 = time.perf_counter()
             weights = ckpt.layer(layer, device, dtype)
             original = dict(weights) if x is not None else None
-            ctx = LayerContext(layer, spec, weights, x, rope, settings, device=device, home=home)
+            ctx = LayerContext(layer, spec, weights, x, rope, settings, device=device, home=home, sweep=sweep)
             quantized = quantize_layer(ctx)
             for module, qw in quantized.items():
                 weights[f"{module}.weight"] = qw.dequantize(dtype).to(device)
@@ -321,7 +337,7 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
             pbar.update(1)
             pbar.set_postfix(err=f"{record.get('output_error', 0):.4f}")
 
-    return _finish(ckpt, out, work, settings, state, calibration, device, dtype, force, started, budget)
+    return _finish(ckpt, out, work, settings, state, calibration, device, dtype, force, started, budget, memory_plan)
 
 
 def _write_layer(path: Path, layer: int, spec: ModelSpec, quantized: dict[str, QuantizedWeight],
@@ -363,7 +379,7 @@ def output_plan(spec: ModelSpec, settings: Settings) -> list[tuple[str, tuple[in
 
 
 def _finish(ckpt: Checkpoint, out: Path, work: Work, settings: Settings, state: dict, calibration: dict | None,
-            device, dtype, force: bool, started: float, budget: Budget) -> dict:
+            device, dtype, force: bool, started: float, budget: Budget, memory_plan: str) -> dict:
     """Assemble the layer files and the rest of the repository into shards, then move it into place."""
     spec = ckpt.spec
     final = work.path / "repo"
@@ -394,7 +410,7 @@ def _finish(ckpt: Checkpoint, out: Path, work: Work, settings: Settings, state: 
         "method": settings.method, "format": settings.fmt, "settings": settings.as_dict(),
         "model": str(ckpt.path), "architecture": spec.arch, "calibration": calibration,
         "device": str(device), "compute_dtype": torch_name(dtype), "device_memory": budget.limit,
-        "peak_device_bytes": budget.peak_device_bytes(),
+        "peak_device_bytes": budget.peak_device_bytes(), "memory_plan": memory_plan,
         "layers": state["layers"], "files": sorted(p.name for p in final.iterdir()),
         "bytes": sum(p.stat().st_size for p in final.iterdir() if p.is_file()),
     }

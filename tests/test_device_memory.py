@@ -177,6 +177,13 @@ def test_quantization_under_a_budget_smaller_than_its_activations_is_byte_identi
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
     assert unlimited["peak_device_bytes"] > budget >= bounded["peak_device_bytes"] >= working
     assert bounded["device_memory"] == budget and unlimited["device_memory"] is None
+    if method == "gptq":   # the eight down projections swept together, in sweeps of fewer, or one by one
+        assert "8 of 8 expert down projections swept at once" in unlimited["memory_plan"]
+        assert "8 of 8" not in bounded["memory_plan"] and "1 of 8" not in bounded["memory_plan"]
+        one = quantize_model(hf, tmp_path / "c", Settings(**{**settings.__dict__, "device_memory": working}), blocks)
+        assert "1 of 8 expert down projections" in one["memory_plan"]
+        for f in sorted((tmp_path / "a").glob("*.safetensors")):
+            assert f.read_bytes() == (tmp_path / "c" / f.name).read_bytes(), f.name
 
 
 def test_a_quantization_budget_below_one_layer_is_refused(cli, tmp_path):

@@ -13,7 +13,6 @@ compute dtype is kept free for the tensors made that way (a prefill may route to
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 import torch
@@ -22,21 +21,11 @@ from mixq.convert.architecture import plan
 from mixq.convert.checkpoint import Checkpoint, owned
 from mixq.convert.progress import human_bytes, note
 
-from ..memory import Budget, tensor_bytes
+from ..memory import Budget, host_memory_to_spare, tensor_bytes
 
 
 def _packed_bytes(ref) -> int:
     return sum(part.nbytes for part in ref.packed.values())
-
-
-def host_memory_to_spare() -> int:
-    """Half the host memory available now (MemAvailable: free plus what the kernel can reclaim)."""
-    try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-        return kib * 1024 // 2
-    except (OSError, StopIteration):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 def _nbytes(kept) -> int:
