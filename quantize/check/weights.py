@@ -68,9 +68,9 @@ class LayerStore:
                        for n in names)
             if not unlimited and not budget.fits(self.layer_bytes + size):
                 self.resident.append({})
-                held = sum(self._compact_bytes(n) for n in names) <= host
+                held = size <= host     # its compact size, as for residence
                 self.host.append({n[len(prefix):]: self._compact(n, "cpu") for n in names} if held else {})
-                host -= sum(map(_nbytes, self.host[-1].values()))
+                host -= size if held else 0
                 continue
             self.host.append({})
             kept = {n[len(prefix):]: self._load(n) if unlimited else self._compact(n) for n in names}
