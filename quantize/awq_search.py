@@ -42,7 +42,7 @@ def search_scale(chunks: list[torch.Tensor], weights: dict, modules: tuple[str, 
         trial = dict(weights)
         for m in modules:
             weight = weights[f"{m}.weight"]
-            trial[f"{m}.weight"] = (fake_quantize(weight * s.to(weight.dtype), scheme) / s.to(weight.dtype))
+            trial[f"{m}.weight"] = fake_quantize(weight * s.to(weight.dtype), scheme).div_(s.to(weight.dtype))
         total = count = 0
         for c, ref in zip(chunks, reference):
             out = inspect(trial, c.to(device)).float()

@@ -84,7 +84,9 @@ def _fp16(scale: torch.Tensor) -> torch.Tensor:
 
 
 def codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    return torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq)
+    """round(w / scale) + zero within [0, maxq], in one new tensor (each step in place: the grid searches run this
+    on whole layers twenty times, and on a CPU a fresh tensor per step costs as much as the arithmetic)."""
+    return torch.div(w.float(), scale).round_().add_(zero).clamp_(0, maxq)
 
 
 def fake_quantize(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
@@ -92,8 +94,7 @@ def fake_quantize(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     out, cols = w.shape
     groups = w.float().reshape(out * (cols // scheme.group_size), scheme.group_size)
     scale, zero = group_params(groups, scheme)
-    q = codes(groups, scale, zero, scheme.maxq)
-    return ((q - zero) * scale).reshape(out, cols).to(w.dtype)
+    return codes(groups, scale, zero, scheme.maxq).sub_(zero).mul_(scale).reshape(out, cols).to(w.dtype)
 
 
 def rtn(w: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
