@@ -88,24 +88,30 @@ def apply_scales(weights: dict, spec, scales: dict[str, torch.Tensor], scale_rou
 
 def clip(weight: torch.Tensor, inputs: torch.Tensor, scheme: Scheme, grid: int = 20) -> torch.Tensor:
     """Clip each group of `weight` to the threshold (down to CLIP_SHRINK of its max) whose quantized output on
-    `inputs` (rows sampled by clip_rows) is closest to the unquantized one: AutoAWQ's _search_best_clip."""
+    `inputs` (rows sampled by clip_rows) is closest to the unquantized one: AutoAWQ's _search_best_clip.
+
+    A group's output error over the tokens is a quadratic form of its weight error d: mean_t (x_t . d)^2 =
+    d^T G d with G = X^T X / T over the group's input columns, so each group's Gram matrix [g, g] is formed once
+    and every threshold costs g products per weight instead of one per token (4x fewer at 512 tokens, group 128),
+    without the cancellation of subtracting two outputs."""
     out_features, in_features = weight.shape
     group = scheme.group_size
-    x = inputs.reshape(-1, in_features).float().reshape(-1, in_features // group, group)     # [tokens, groups, g]
-    w_all = weight.float().reshape(out_features, -1, group)                                   # [out, groups, g]
+    x = inputs.reshape(-1, in_features).float()
+    x = x.reshape(x.shape[0], -1, group).transpose(0, 1)                     # [groups, tokens, g]
+    gram = x.transpose(1, 2) @ x / x.shape[1]                                # [groups, g, g]
+    w_all = weight.float().reshape(out_features, -1, group)                  # [out, groups, g]
     batch = 256 if out_features % 256 == 0 else 64 if out_features % 64 == 0 else out_features
     limits = []
     for start in range(0, out_features, batch):
         w = w_all[start:start + batch]
-        original_max = w.abs().amax(dim=-1, keepdim=True)                                     # [b, groups, 1]
+        original_max = w.abs().amax(dim=-1, keepdim=True)                     # [b, groups, 1]
         best = original_max.clone()
         min_err = torch.full_like(original_max, float("inf"))
-        original_out = torch.einsum("tgk,ogk->otg", x, w)
         for step in range(int(CLIP_SHRINK * grid)):
             max_val = original_max * (1 - step / grid)
             clipped = torch.maximum(torch.minimum(w, max_val), -max_val)
-            quantized = fake_quantize(clipped.reshape(-1, in_features), scheme).reshape(w.shape)
-            err = (torch.einsum("tgk,ogk->otg", x, quantized) - original_out).pow(2).mean(dim=1)[..., None]
+            d = (fake_quantize(clipped.reshape(-1, in_features), scheme).reshape(w.shape) - w).transpose(0, 1)
+            err = ((d @ gram) * d).sum(-1).transpose(0, 1)[..., None]         # [b, groups, 1]
             better = err < min_err
             min_err[better] = err[better]
             best[better] = max_val[better]

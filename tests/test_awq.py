@@ -1,5 +1,5 @@
-"""AWQ: the GEMM format against an unpacker written from its specification, scale invariance (router included),
-a real consumer, bad input."""
+"""AWQ: the GEMM format against an unpacker written from its specification, the clip search against AutoAWQ's
+token-by-token form, scale invariance (router included), a real consumer, bad input."""
 
 import json
 
@@ -10,11 +10,11 @@ import torch
 from mixq.calibration import prepare
 from mixq.convert import open_checkpoint
 from mixq.quantize import Settings, quantize_model
-from mixq.quantize.awq_search import apply_scales
+from mixq.quantize.awq_search import CLIP_SHRINK, apply_scales, clip
 from mixq.quantize.check.repository import read_quantized
 from mixq.quantize.formats import FORMATS
 from mixq.quantize.forward import Rotary, decoder_layer, rms_norm, route
-from mixq.quantize.quantizer import rtn
+from mixq.quantize.quantizer import Scheme, fake_quantize, rtn
 from tests.test_quantize_engine import TOKENS, assert_consumer_agrees, forward_logits, run_consumer, tiny_hf
 
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]   # where output column 8c + j sits among a word's nibbles
@@ -49,6 +49,34 @@ def test_gemm_format_against_spec_unpacker(sym):
                        qw.dequantize())
     if sym:  # no zero point: symmetric codes stored around 8
         assert (qw.zeros == 8).all()
+
+
+def autoawq_clip(w: torch.Tensor, x: torch.Tensor, scheme: Scheme, grid: int = 20) -> torch.Tensor:
+    """AutoAWQ 0.2.9's _search_best_clip as it is written: every group's output on every token, quantized and not,
+    subtracted, squared and averaged (the outputs in float64 here), the threshold with the least error kept."""
+    out, cols = w.shape
+    g = scheme.group_size
+    xg = x.double().reshape(-1, cols // g, g)                                   # [tokens, groups, g]
+    wg = w.reshape(out, cols // g, g)                                           # [out, groups, g]
+    original = torch.einsum("tgk,ogk->otg", xg, wg.double())
+    top = wg.abs().amax(-1, keepdim=True)
+    best, least = top.clone(), torch.full(top.shape, float("inf"), dtype=torch.float64)
+    for step in range(int(CLIP_SHRINK * grid)):
+        limit = top * (1 - step / grid)
+        q = fake_quantize(torch.maximum(torch.minimum(wg, limit), -limit).reshape(out, cols), scheme)
+        err = (torch.einsum("tgk,ogk->otg", xg, q.double().reshape(wg.shape)) - original).pow(2).mean(1)[..., None]
+        better = err < least
+        least[better], best[better] = err[better], limit[better]
+    return torch.maximum(torch.minimum(wg, best), -best).reshape(out, cols)
+
+
+def test_clip_search_picks_autoawq_thresholds():
+    """The Gram-matrix form of the clip error picks the thresholds of the token-by-token form for every group."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(512, 1024, generator=g) / 32
+    x = torch.randn(512, 1024, generator=g) * torch.rand(1024, generator=g) * 3   # uneven channels, as activations
+    scheme = FORMATS["awq"].scheme(4, 128, False)
+    assert torch.equal(clip(w, x, scheme), autoawq_clip(w, x, scheme))
 
 
 def test_awq_layer_files_unpack_to_what_the_engine_used(tmp_path):
