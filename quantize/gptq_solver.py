@@ -11,18 +11,34 @@ from mixq.convert.errors import MixqError
 
 from .quantizer import QuantizedWeight, Scheme, group_params
 
+HALF = (torch.bfloat16, torch.float16)
+
 
 class Hessian:
-    """H = 2/n * sum(x x^T) over the n input rows seen, accumulated in fp32 on the inputs' device."""
+    """H = 2/n * sum(x x^T) over the n input rows seen, accumulated in fp32 on the inputs' device.
+
+    Half-precision inputs on CUDA are multiplied as they are, accumulating in fp32 into H (cuBLAS's fp32-output
+    half GEMM): the product of two bf16 or fp16 numbers is exact in fp32, so this is the fp32 product of the same
+    inputs up to the order of the sums, at the tensor cores' rate instead of fp32's (about 16x on an H100), and
+    without an fp32 copy of every chunk. Elsewhere (and should a build lack that kernel) the inputs go to fp32."""
+
+    half_products = True     # cleared for the process if the kernel is missing
 
     def __init__(self, columns: int, device):
         self.h = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.h.addmm_(x.T, x)
+        x = x.reshape(-1, x.shape[-1])
         self.rows += x.shape[0]
+        if x.is_cuda and x.dtype in HALF and Hessian.half_products:
+            try:
+                torch.addmm(self.h, x.T, x, out_dtype=torch.float32, out=self.h)
+                return
+            except (RuntimeError, TypeError, NotImplementedError):
+                Hessian.half_products = False
+        x = x.float()
+        self.h.addmm_(x.T, x)
 
     def value(self) -> torch.Tensor:
         if self.rows == 0:
