@@ -163,34 +163,40 @@ class Sweep:
             scales = torch.zeros(n, rows, cols // group, device=w.device)
             zeros = torch.zeros_like(scales)
         losses = torch.zeros(n, rows, device=w.device)
+        if self.static is not None:   # the static groups' parameters by group: [n, groups, rows]
+            static_t = [p.transpose(1, 2).contiguous() for p in (scales, zeros)]
+            matrices = torch.arange(n, device=w.device)[:, None]
         for i1 in range(0, cols, self.block_size):
             i2 = min(i1 + self.block_size, cols)
             w1 = w[:, :, i1:i2].transpose(1, 2).contiguous()   # [n, k, rows]: each column contiguous
             err1 = torch.zeros_like(w1)
             codes1 = torch.empty_like(w1)
             hinv1 = hinv[:, i1:i2, i1:i2]
-            diag = hinv1.diagonal(dim1=1, dim2=2)[..., None]              # [n, k, 1]
-            if self.static is not None:   # each column's group, in the original order, per matrix
+            # per column, views made once per block: the column, its codes, its error (also as [n, 1, rows] to
+            # broadcast), its diagonal entry and its row of hinv1 as [n, k, 1]
+            columns, column_codes, errors = w1.unbind(1), codes1.unbind(1), err1.unbind(1)
+            spread_errors = err1[:, :, None].unbind(1)
+            diags = hinv1.diagonal(dim1=1, dim2=2)[..., None].unbind(1)
+            rows_of_hinv = hinv1[..., None].unbind(1)
+            if self.static is not None:   # each column's group, in the original order, per matrix: [n, k, rows]
                 gid = (perm[:, i1:i2] if perm is not None else torch.arange(i1, i2, device=w.device).expand(n, -1))
-                gid = (gid // group)[:, :, None].expand(n, -1, rows)
-                block_scales = scales.transpose(1, 2).gather(1, gid)
-                block_zeros = zeros.transpose(1, 2).gather(1, gid)
+                block_scales, block_zeros = (p[matrices, gid // group].unbind(1) for p in static_t)
             k = i2 - i1
             for i in range(k):
                 col = i1 + i
                 if self.static is not None:
-                    scale, zero = block_scales[:, i], block_zeros[:, i]
+                    scale, zero = block_scales[i], block_zeros[i]
                 elif col % group == 0:
                     scale, zero = group_params(w1[:, i:i + group].transpose(1, 2).reshape(n * rows, group), scheme)
                     scale, zero = scale.view(n, rows), zero.view(n, rows)
                     scales[:, :, col // group], zeros[:, :, col // group] = scale, zero
-                column, c, e = w1[:, i], codes1[:, i], err1[:, i]
+                column, c, e = columns[i], column_codes[i], errors[i]
                 torch.div(column, scale, out=c).round_().add_(zero).clamp_(0, maxq)      # quantizer.codes
                 torch.sub(c, zero, out=e).mul_(scale)
-                torch.sub(column, e, out=e).div_(diag[:, i])
+                torch.sub(column, e, out=e).div_(diags[i])
                 end = min((i // SUB + 1) * SUB, k)     # the error reaches the rest of its sub-block now
                 if i + 1 < end:
-                    w1[:, i + 1:end] -= hinv1[:, i, i + 1:end, None] * e[:, None, :]
+                    w1[:, i + 1:end] -= rows_of_hinv[i][:, i + 1:end] * spread_errors[i]
                 elif end < k:                          # and the rest of the block once per sub-block
                     start = end - SUB
                     w1[:, end:].baddbmm_(hinv1[:, start:end, end:].transpose(1, 2), err1[:, start:end], alpha=-1)

@@ -42,8 +42,18 @@ class QuantizedWeight:
     g_idx: torch.Tensor      # int32 [in]
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        out, cols = self.q.shape
+        groups = self.scales.shape[1]
         g = self.g_idx.long()
-        return ((self.q.to(torch.float32) - self.zeros[:, g].float()) * self.scales[:, g].float()).to(dtype)
+        w = self.q.to(torch.float32, copy=True)
+        if cols % groups == 0 and torch.equal(g, torch.arange(cols, device=g.device) // (cols // groups)):
+            # groups in column order (every layout but act-order's dynamic groups): each group's parameters
+            # broadcast over its columns, no full-size gather
+            w = w.view(out, groups, -1)
+            zeros, scales = self.zeros.float()[..., None], self.scales.float()[..., None]
+        else:
+            zeros, scales = self.zeros[:, g].float(), self.scales[:, g].float()
+        return w.sub_(zeros).mul_(scales).view(out, cols).to(dtype)
 
 
 def group_params(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:

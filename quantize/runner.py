@@ -97,6 +97,7 @@ class LayerContext:
     device: torch.device = torch.device("cpu")
     home: torch.device = torch.device("cpu")
     sweep: int = 1                       # GPTQ: expert matrices swept together (memory.Budget's choice)
+    settled: set = field(default_factory=set)   # modules whose weights are their quantized values already
 
     def chunks(self):
         for start in range(0, self.x.shape[0], self.settings.batch):
@@ -110,6 +111,13 @@ class LayerContext:
 
     def w(self, module: str) -> torch.Tensor:
         return self.weights[f"{module}.weight"]
+
+    def settle(self, module: str, quantized: QuantizedWeight) -> None:
+        """From now on the layer computes with `module` quantized (GPTQ's later stages read it so); the engine
+        settles what a method has not before the layer's outputs are computed."""
+        weight = self.w(module)
+        self.weights[f"{module}.weight"] = quantized.dequantize(weight.dtype).to(weight.device)
+        self.settled.add(module)
 
 
 def validate(spec: ModelSpec, settings: Settings) -> None:
@@ -320,8 +328,8 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
             original = dict(weights) if x is not None else None
             ctx = LayerContext(layer, spec, weights, x, rope, settings, device=device, home=home, sweep=sweep)
             quantized = quantize_layer(ctx)
-            for module, qw in quantized.items():
-                weights[f"{module}.weight"] = qw.dequantize(dtype).to(device)
+            for module in quantized.keys() - ctx.settled:
+                ctx.settle(module, quantized[module])
             record = {"layer": layer, **ctx.stats}
             if x is not None:
                 counts = torch.zeros(max(spec.num_experts, 1), dtype=torch.long)

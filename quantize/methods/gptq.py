@@ -48,7 +48,7 @@ def quantize_layer(ctx) -> dict:
                 quantized[module] = part
                 losses[module] = round(float(result.losses[rows].sum()), 6)
                 damps[module] = round(result.damp, 6)
-                w[f"{module}.weight"] = part.dequantize(weight.dtype).to(weight.device)
+                ctx.settle(module, part)   # the stages after it read it quantized
         pending.clear()
 
     pending = []          # the linears of the sweep being filled, in order
