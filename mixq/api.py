@@ -84,7 +84,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
              allow_fewer: bool = False, bits: int = 4, group_size: int = 128, expert_naming: str = "classic",
              device: str = "auto", compute_dtype: str = "auto", batch: int = 8, shard_size: str | int = "5GB",
              resume: bool = False, force: bool = False, check: bool | dict = False, device_memory=None,
-             **options) -> dict:
+             checkpoint_every: int = 1, **options) -> dict:
     """`mixq quantize METHOD MODEL OUT`: an AWQ-GEMM or GPTQ-v1 repository at `out`; returns its report.
 
     `options` are the method's own (METHOD_OPTIONS: gptq sym, damp, act_order, static_groups, true_sequential;
@@ -92,6 +92,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
     `check()`'s keyword arguments, runs the check against `model` afterwards and adds it to the report (the
     evaluation text is resolved before any work). `device_memory`: as check()'s, for the quantization (the
     calibration activations move to host memory when they do not fit beside one layer's work) and its check.
+    `checkpoint_every`: layers between resume checkpoints (each writes the next layer's inputs).
     """
     from mixq.calibration import prepare
     from mixq.calibration.sources import load_texts
@@ -122,7 +123,8 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
         sym = fmt.name == "gptq" if o["sym"] is None else o["sym"]
     settings = Settings(method=method, scheme=fmt.scheme(bits, group_size, sym), fmt=fmt.name,
                         expert_naming=expert_naming, device=device, dtype=compute_dtype, batch=batch,
-                        shard_size=parse_size(shard_size), device_memory=device_memory, **extra)
+                        shard_size=parse_size(shard_size), device_memory=device_memory,
+                        checkpoint_every=checkpoint_every, **extra)
     check_options = ({} if check is True else dict(check)) if check else None
     check_inputs(model, out, settings, force)  # before the calibration text is tokenized
     if check_options is not None:  # the evaluation text must resolve before hours of quantization, not after

@@ -249,7 +249,11 @@ def engine_options(fn):
                      help="Calibration blocks per forward pass."),
         DEVICE_MEMORY,
         click.option("--shard-size", type=SIZE, default="5GB", show_default=True, help="Largest safetensors shard."),
-        click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint."),
+        click.option("--checkpoint-every", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Layers between resume checkpoints. Each writes the next layer's inputs (the size of "
+                          "the calibration activations, 2 GB for Mixtral at 128 x 2048); --resume redoes at most "
+                          "this many layers minus one."),
         click.option("--force", is_flag=True, help="Replace OUT if it exists."),
         click.option("--check", "run_check", is_flag=True,
                      help="Then run `mixq check OUT --reference MODEL` with the --eval options below."),
@@ -269,7 +273,8 @@ def _run_quantize(method, model, out, kwargs, **options):
     checking = kwargs.pop("run_check")
     check = check_kwargs(kwargs)
     shared = {k: kwargs.pop(k) for k in ("bits", "group_size", "expert_naming", "device", "compute_dtype", "batch",
-                                         "shard_size", "resume", "force", "device_memory")}
+                                         "shard_size", "resume", "force", "device_memory",
+                                         "checkpoint_every")}
     calib = calibration_kwargs(kwargs) if method != "rtn" else {}
     if check and checking:
         check["stream"] = _stream(progress.is_quiet())

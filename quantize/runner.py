@@ -29,10 +29,11 @@ from mixq.convert.progress import bar, human_bytes, note
 from mixq.convert.safetensors_io import SafetensorsFile, SafetensorsWriter
 from mixq.convert.spec import ModelSpec
 
+from .background import Ahead, Behind
 from .device import compute_dtype, pick_device
 from .formats import Format, get_format
 from .forward import Rotary, decoder_layer
-from .memory import Budget, activation_bytes, tensor_bytes
+from .memory import Budget, activation_bytes, host_memory_to_spare, tensor_bytes
 from .methods import layer_method
 from .quantizer import QuantizedWeight, Scheme
 
@@ -42,6 +43,7 @@ EXPERT_STATISTICS = {
 }
 OUTPUT_DTYPE = torch.float16    # what AWQ and GPTQ repositories store their floating-point tensors in
 STATE = "state.json"
+NOT_NUMBERS = ("shard_size", "device_memory", "checkpoint_every")   # settings that never change an output byte
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Settings:
     batch: int = 8                       # calibration samples per forward chunk
     shard_size: int = 5_000_000_000
     device_memory: int | str | None = None   # bytes on the device at once (memory.Budget); never changes the numbers
+    checkpoint_every: int = 1            # layers between resume checkpoints (each saves the next layer's inputs)
 
     @property
     def format(self) -> Format:
@@ -75,7 +78,7 @@ class Settings:
         return d
 
     def fingerprint(self) -> str:
-        keep = {k: v for k, v in self.as_dict().items() if k not in ("shard_size", "device_memory")}  # the numbers
+        keep = {k: v for k, v in self.as_dict().items() if k not in NOT_NUMBERS}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -316,15 +319,23 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
             embed = ckpt.get("model.embed_tokens.weight")
             x = embed[blocks.tokens].to(device=home, dtype=dtype)
             ckpt.release("model.embed_tokens.weight")
-        else:
+        elif state["next_layer"] < spec.num_layers:   # none when only the assembly was left
             x = work.hidden(home)
     quantize_layer = layer_method(settings.method)
     note(memory_plan)
-    with bar(total=spec.num_layers, initial=state["next_layer"], desc=f"{settings.method} layers",
-             unit="layer") as pbar:
-        for layer in range(state["next_layer"], spec.num_layers):
+    layers = range(state["next_layer"], spec.num_layers)
+    # the next layer is read ahead into host memory when the host can spare it (and, on a CPU, no budget caps it)
+    layer_bytes = sum(tensor_bytes(shape, dtype) for shape in plan(spec).tensor_shapes.values())
+    ahead = 2 * layer_bytes <= host_memory_to_spare() and (device.type != "cpu" or budget.limit is None)
+    reading = Ahead(lambda i: ckpt.layer(i, "cpu" if ahead else device, dtype), layers, enabled=ahead)
+    if ahead and len(layers) > 1:
+        note(f"reading each next layer ({human_bytes(layer_bytes)}) into host memory while one is quantized")
+    with reading, Behind("writer") as writer, \
+            bar(total=spec.num_layers, initial=state["next_layer"], desc=f"{settings.method} layers",
+                unit="layer") as pbar:
+        for layer, weights in reading:
             t0 = time.perf_counter()
-            weights = ckpt.layer(layer, device, dtype)
+            weights = {name: tensor.to(device) for name, tensor in weights.items()}
             original = dict(weights) if x is not None else None
             ctx = LayerContext(layer, spec, weights, x, rope, settings, device=device, home=home, sweep=sweep)
             quantized = quantize_layer(ctx)
@@ -336,34 +347,53 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
                 x, record["output_error"] = layer_outputs(ctx, weights, counts, original)
                 if spec.is_moe:
                     record["routed_tokens"] = counts.tolist()
-            _write_layer(work.layer_file(layer), layer, spec, quantized, weights, settings)
+            tensors = layer_tensors(layer, spec, quantized, weights, settings)
             record["seconds"] = round(time.perf_counter() - t0, 3)
             state["layers"].append(record)
             state["next_layer"] = layer + 1
-            work.save(state, x)
-            del weights, original, ctx, quantized
+            last = layer + 1 == spec.num_layers
+            saved = dict(state, layers=list(state["layers"])) \
+                if last or (layer + 1) % settings.checkpoint_every == 0 else None
+            hidden = x.cpu() if saved is not None and not last and x is not None else None
+            writer.submit(_write_and_save, work, layer, tensors, saved, hidden)
+            del weights, original, ctx, quantized, tensors, hidden
             pbar.update(1)
             pbar.set_postfix(err=f"{record.get('output_error', 0):.4f}")
 
     return _finish(ckpt, out, work, settings, state, calibration, device, dtype, force, started, budget, memory_plan)
 
 
-def _write_layer(path: Path, layer: int, spec: ModelSpec, quantized: dict[str, QuantizedWeight],
-                 weights: dict[str, torch.Tensor], settings: Settings) -> None:
+def layer_tensors(layer: int, spec: ModelSpec, quantized: dict[str, QuantizedWeight],
+                  weights: dict[str, torch.Tensor], settings: Settings) -> dict[str, torch.Tensor]:
+    """The layer's tensors as its file stores them, packed and on the host (what the writer needs of the layer)."""
     tensors = {}
     prefix = f"model.layers.{layer}."
     layer_plan = plan(spec)
     for module in layer_plan.modules:
         name = prefix + spelled(module, settings.expert_naming)
         for suffix, tensor in settings.format.pack(quantized[module], settings.scheme).items():
-            tensors[f"{name}.{suffix}"] = tensor.cpu()
+            tensors[f"{name}.{suffix}"] = tensor.contiguous().cpu()
     for weight in layer_plan.unquantized:
         tensors[prefix + spelled(weight.removesuffix(".weight"), settings.expert_naming) + ".weight"] = \
-            weights[weight].to(OUTPUT_DTYPE).cpu()
+            weights[weight].to(OUTPUT_DTYPE).contiguous().cpu()
+    return tensors
+
+
+def _write_layer(path: Path, layer: int, tensors: dict[str, torch.Tensor]) -> None:
     entries = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
     with staged_file(path) as tmp, SafetensorsWriter(tmp, entries) as writer:
         for name, tensor in tensors.items():
-            writer.write(name, tensor.contiguous())
+            writer.write(name, tensor)
+
+
+def _write_and_save(work: Work, layer: int, tensors: dict[str, torch.Tensor], state: dict | None,
+                    hidden: torch.Tensor | None) -> None:
+    """The writer's task: the layer's file, then (at a checkpoint) the progress that counts it and the next
+    layer's inputs; between checkpoints the saved progress stays at the last one, and a resumed run redoes the
+    layers after it (their files are rewritten whole)."""
+    _write_layer(work.layer_file(layer), layer, tensors)
+    if state is not None:
+        work.save(state, hidden)
 
 
 def output_plan(spec: ModelSpec, settings: Settings) -> list[tuple[str, tuple[int, ...], torch.dtype]]:

@@ -1,6 +1,7 @@
 """The quantization engine and GPTQ: reference forward, format against an independent unpacker, a real consumer,
 experts without routed tokens, resume, bad input."""
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -281,6 +282,39 @@ def test_resume_is_byte_identical(tmp_path, mixtral, blocks, monkeypatch):
     assert [layer["layer"] for layer in report["layers"]] == [0, 1]
     assert _digests(tmp_path / "whole") == _digests(tmp_path / "resumed")
     assert not (tmp_path / ".resumed.mixq-partial").exists()
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_resume_from_a_checkpoint_every_two_layers_is_byte_identical(tmp_path, method, monkeypatch):
+    """Layers are written behind the compute and the resume checkpoint only every second layer: a crash while the
+    fourth layer is written leaves the progress of the second, and the resumed run redoes the third and fourth to
+    the same bytes as a run that checkpointed every layer."""
+    model = tiny_hf(tmp_path / "m", layers=4)
+    four = prepare(model, "kjv", samples=4, seqlen=32)
+    fmt = FORMATS[method]
+    settings = Settings(method=method, scheme=fmt.scheme(4, 128, method == "gptq"), fmt=method)
+    quantize_model(model, tmp_path / "whole", settings, four)
+    import mixq.quantize.runner as runner
+    real, saved = runner._write_layer, []
+
+    def crash_at_the_last(path, layer, *args):
+        if layer == 3:
+            raise KeyboardInterrupt("killed")
+        return real(path, layer, *args)
+
+    monkeypatch.setattr(runner, "_write_layer", crash_at_the_last)
+    monkeypatch.setattr(runner.Work, "save", lambda self, state, hidden, save=runner.Work.save:
+                        saved.append(state["next_layer"]) or save(self, state, hidden))
+    every_two = dataclasses.replace(settings, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(model, tmp_path / "resumed", every_two, four)
+    work = tmp_path / ".resumed.mixq-partial"
+    assert saved == [2] and json.loads((work / "state.json").read_text())["next_layer"] == 2
+    assert not (tmp_path / "resumed").exists() and (work / "layer-00002.safetensors").is_file()
+    monkeypatch.setattr(runner, "_write_layer", real)
+    report = quantize_model(model, tmp_path / "resumed", every_two, four, resume=True)
+    assert saved == [2, 4] and [layer["layer"] for layer in report["layers"]] == [0, 1, 2, 3]
+    assert _digests(tmp_path / "whole") == _digests(tmp_path / "resumed")
 
 
 def test_deterministic(tmp_path, mixtral, blocks):
