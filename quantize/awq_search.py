@@ -13,6 +13,7 @@ from .quantizer import Scheme, fake_quantize
 
 CLIP_TOKENS = 512        # AutoAWQ's n_sample_token
 CLIP_SHRINK = 0.5        # AutoAWQ's max_shrink: clipping thresholds down to half the group maximum
+CLIP_BATCH_BYTES = 2 ** 23   # fp32 weights searched at once (each step holds a few copies of them)
 
 
 def search_scale(chunks: list[torch.Tensor], weights: dict, modules: tuple[str, ...], inspect, settings,
@@ -100,7 +101,7 @@ def clip(weight: torch.Tensor, inputs: torch.Tensor, scheme: Scheme, grid: int =
     x = x.reshape(x.shape[0], -1, group).transpose(0, 1)                     # [groups, tokens, g]
     gram = x.transpose(1, 2) @ x / x.shape[1]                                # [groups, g, g]
     w_all = weight.float().reshape(out_features, -1, group)                  # [out, groups, g]
-    batch = 256 if out_features % 256 == 0 else 64 if out_features % 64 == 0 else out_features
+    batch = max(1, CLIP_BATCH_BYTES // (4 * in_features))   # rows at a time: a few temporaries of this size
     limits = []
     for start in range(0, out_features, batch):
         w = w_all[start:start + batch]

@@ -74,8 +74,13 @@ def quantize_layer(ctx) -> dict:
         seen = {reads: clip_rows(rows, device) for reads, rows in inputs.items()}
         for group in layer_plan.smoothings:
             seen[group.reads] = seen[group.reads] / scales[group.key]
+        readers = {}   # the clipped linears by what they read: one search for all of them (every w1 and w3)
         for lin in layer_plan.linears:
             if lin.module not in UNCLIPPED:
-                w[f"{lin.module}.weight"] = clip(w[f"{lin.module}.weight"], seen[lin.reads], s.scheme)
+                readers.setdefault(lin.reads, []).append(lin.module)
+        for reads, modules in readers.items():
+            clipped = clip(torch.cat([w[f"{m}.weight"] for m in modules]), seen[reads], s.scheme)
+            for m, part in zip(modules, clipped.split([w[f"{m}.weight"].shape[0] for m in modules])):
+                w[f"{m}.weight"] = part
     ctx.stats["awq_scale_ratio"] = {k: round(float(v.max() / v.min()), 3) for k, v in scales.items()}
     return {module: rtn(w[f"{module}.weight"], s.scheme) for module in layer_plan.modules}
