@@ -84,7 +84,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
              allow_fewer: bool = False, bits: int = 4, group_size: int = 128, expert_naming: str = "classic",
              device: str = "auto", compute_dtype: str = "auto", batch: int = 8, shard_size: str | int = "5GB",
              resume: bool = False, force: bool = False, check: bool | dict = False, device_memory=None,
-             checkpoint_every: int = 1, **options) -> dict:
+             checkpoint_every: int = 1, allow_unloadable: bool = False, **options) -> dict:
     """`mixq quantize METHOD MODEL OUT`: an AWQ-GEMM or GPTQ-v1 repository at `out`; returns its report.
 
     `options` are the method's own (METHOD_OPTIONS: gptq sym, damp, act_order, static_groups, true_sequential;
@@ -93,6 +93,8 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
     evaluation text is resolved before any work). `device_memory`: as check()'s, for the quantization (the
     calibration activations move to host memory when they do not fit beside one layer's work) and its check.
     `checkpoint_every`: layers between resume checkpoints (each writes the next layer's inputs).
+    Settings a runtime the card names refuses or serves slowly (quantize.runtimes) are refused before any work
+    unless `allow_unloadable`; the report's `runtimes` and the card then say which.
     """
     from mixq.calibration import prepare
     from mixq.calibration.sources import load_texts
@@ -102,6 +104,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
     from mixq.quantize.check import CHECK_FILE, save_report
     from mixq.quantize.formats import get_format
     from mixq.quantize.runner import check_inputs  # refuses bits, group size and the output path
+    from mixq.quantize.runtimes import refusal, verdicts
     if method not in QUANTIZE_METHODS:
         raise MixqError(f"unknown method {method!r} (choose from {', '.join(QUANTIZE_METHODS)})")
     unknown = set(options) - set(METHOD_OPTIONS[method])
@@ -126,7 +129,10 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
                         shard_size=parse_size(shard_size), device_memory=device_memory,
                         checkpoint_every=checkpoint_every, **extra)
     check_options = ({} if check is True else dict(check)) if check else None
-    check_inputs(model, out, settings, force)  # before the calibration text is tokenized
+    ckpt = check_inputs(model, out, settings, force)  # before the calibration text is tokenized
+    refused = refusal(verdicts(settings, ckpt.spec))
+    if refused and not allow_unloadable:
+        raise MixqError(refused)
     if check_options is not None:  # the evaluation text must resolve before hours of quantization, not after
         load_texts(check_options.get("eval", "shakespeare"), evaluation=True)
     blocks = None

@@ -250,6 +250,10 @@ def engine_options(fn):
         DEVICE_MEMORY,
         click.option("--shard-size", type=SIZE, default="5GB", show_default=True, help="Largest safetensors shard."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint."),
+        click.option("--allow-unloadable", is_flag=True,
+                     help="Write settings a runtime refuses or serves slowly (gptq --asym and --desc-act "
+                          "--no-static-groups: vLLM refuses; awq --no-zero-point, a MoE hidden size not a multiple "
+                          "of 128: vLLM loses Marlin); the card then says which runtimes."),
         click.option("--checkpoint-every", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Layers between resume checkpoints. Each writes the next layer's inputs (the size of "
                           "the calibration activations, 2 GB for Mixtral at 128 x 2048); --resume redoes at most "
@@ -274,7 +278,7 @@ def _run_quantize(method, model, out, kwargs, **options):
     check = check_kwargs(kwargs)
     shared = {k: kwargs.pop(k) for k in ("bits", "group_size", "expert_naming", "device", "compute_dtype", "batch",
                                          "shard_size", "resume", "force", "device_memory",
-                                         "checkpoint_every")}
+                                         "checkpoint_every", "allow_unloadable")}
     calib = calibration_kwargs(kwargs) if method != "rtn" else {}
     if check and checking:
         check["stream"] = _stream(progress.is_quiet())
@@ -308,14 +312,16 @@ def quantize_rtn(model, out, fmt, sym, **kwargs):
 @click.argument("out", type=click.Path(path_type=str))
 @calibration_options
 @engine_options
-@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or zero-point groups.")
+@click.option("--sym/--asym", default=True, show_default=True,
+              help="Symmetric or zero-point groups (--asym: vLLM refuses it, TGI runs MoE experts densely).")
 @click.option("--damp", type=click.FloatRange(min=0, max=1, min_open=True), default=0.01, show_default=True,
               help="Dampening, a fraction of the Hessian's mean diagonal (raised on Cholesky failure).")
 @click.option("--act-order/--no-act-order", "--desc-act/--no-desc-act", "act_order", default=True, show_default=True,
               help="Quantize columns in order of decreasing activation (AutoGPTQ's desc_act).")
 @click.option("--static-groups/--no-static-groups", default=None,
               help="Fix each group's parameters before the sweep (default: on with --act-order): g_idx then stays "
-                   "in column order and every kernel, TGI's tensor-parallel ones included, reads the output.")
+                   "in column order and every kernel, TGI's tensor-parallel ones included, reads the output; "
+                   "vLLM refuses --act-order without it).")
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="Calibrate each stage of a layer on the outputs of the stages already quantized.")
 @command
@@ -331,7 +337,8 @@ def quantize_gptq(model, out, sym, damp, act_order, static_groups, true_sequenti
 @calibration_options
 @engine_options
 @click.option("--zero-point/--no-zero-point", default=True, show_default=True,
-              help="Asymmetric groups with a zero point (AutoAWQ's default) or symmetric ones.")
+              help="Asymmetric groups with a zero point (AutoAWQ's default) or symmetric ones (vLLM then "
+                   "loses its Marlin kernel).")
 @click.option("--packing", "--version", "packing", type=click.Choice(["gemm"]), default="gemm", show_default=True,
               help="Packed layout, AutoAWQ's `version` (GEMM: what vLLM, TGI and transformers load).")
 @click.option("--grid", type=click.IntRange(min=1), default=20, show_default=True, help="Points of the scale search.")

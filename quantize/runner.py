@@ -36,6 +36,7 @@ from .forward import Rotary, decoder_layer
 from .memory import Budget, activation_bytes, host_memory_to_spare, tensor_bytes
 from .methods import layer_method
 from .quantizer import QuantizedWeight, Scheme
+from .runtimes import verdicts
 
 EXPERT_STATISTICS = {
     "gptq": "every expert's Hessians from all calibration tokens",
@@ -451,6 +452,7 @@ def _finish(ckpt: Checkpoint, out: Path, work: Work, settings: Settings, state: 
         "peak_device_bytes": budget.peak_device_bytes(), "memory_plan": memory_plan,
         "layers": state["layers"], "files": sorted(p.name for p in final.iterdir()),
         "bytes": sum(p.stat().st_size for p in final.iterdir() if p.is_file()),
+        "runtimes": [v.as_dict() for v in verdicts(settings, spec)],   # who refuses or slows these settings
     }
     if spec.is_moe and state["layers"] and "routed_tokens" in state["layers"][0]:
         routed = [r["routed_tokens"] for r in state["layers"]]

@@ -334,6 +334,39 @@ def _fails(cli, tmp_path, *args, match):
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
+CALIB_ARGS = ("--calib", "kjv", "--samples", "2", "--seqlen", "16")
+
+
+@pytest.mark.parametrize("method,args,match", [
+    ("gptq", ["--asym"], "gptq --asym: vLLM will not load it, TGI serves it on a slow path (vLLM: Unsupported "
+                         "quantization config: bits=4, sym=False; TGI runs every expert on every token)"),
+    ("gptq", ["--desc-act", "--no-static-groups"], "gptq --desc-act --no-static-groups: vLLM will not load it"),
+    ("awq", ["--no-zero-point"], "awq --no-zero-point: vLLM serves it on a slow path"),
+])
+def test_settings_a_runtime_refuses_are_refused_before_any_work(cli, tmp_path, mixtral, method, args, match):
+    _fails(cli, tmp_path, method, mixtral, *args, *CALIB_ARGS, match=match)
+
+
+def test_a_moe_hidden_size_marlin_cannot_tile_is_refused(cli, tmp_path):
+    model = tiny_hf(tmp_path / "m", dim=64, hidden_dim=128)
+    _fails(cli, tmp_path, "awq", model, "--group-size", "32", *CALIB_ARGS,
+           match="hidden size 64: vLLM serves it on a slow path (its Marlin MoE kernel needs a multiple of 128); "
+                 "pass --allow-unloadable")
+
+
+def test_allow_unloadable_writes_it_and_the_card_names_the_runtimes(cli, tmp_path, mixtral):
+    from mixq.quantize.release.card import quantized_card
+    for name, extra in (("default", []), ("asym", ["--asym", "--allow-unloadable"])):
+        result = cli("quantize", "gptq", mixtral, tmp_path / name, *extra, *CALIB_ARGS)
+        assert result.exit_code == 0, result.output
+    asym = json.loads((tmp_path / "asym/report.json").read_text())["runtimes"]
+    assert [(v["setting"], v["refused_by"]) for v in asym] == [("gptq --asym", ["vLLM"])]
+    assert json.loads((tmp_path / "default/report.json").read_text())["runtimes"] == []
+    card = quantized_card(tmp_path / "asym")
+    assert "Not every runtime loads this repository" in card and "- gptq --asym: vLLM will not load it" in card
+    assert "Not every runtime" not in quantized_card(tmp_path / "default")
+
+
 def test_non_hf_source(cli, tmp_path, mixtral):
     _fails(cli, tmp_path, "gptq", mixtral.parent / "src", match="quantization reads Hugging Face checkpoints")
 

@@ -15,6 +15,7 @@ from mixq.convert.progress import human_bytes
 
 from ..check import CHECK_FILE, read_check
 from ..formats import FORMATS
+from ..runtimes import Verdict
 from .summary import artifact_bytes
 
 CARD = "README.md"
@@ -99,13 +100,16 @@ def quantized_card(repo: Path, base_model: str | None = None, license_id: str = 
              f"| this repository | {qc.get('bits')} | {qc.get('group_size')} | {detail} | {calib.get('source', '-')} "
              f"| {calib.get('tokens', '-')} | {calib.get('seqlen', '-')} | {human_bytes(artifact_bytes(repo))} |", ""]
     lines += _check_section(check)
-    lines += _usage_quantized(fmt.name, arch, naming)
+    lines += _usage_quantized(fmt.name, arch, naming, report.get("runtimes") or [])
     lines += _details(report)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _usage_quantized(fmt: str, arch: str, naming: str) -> list[str]:
+def _usage_quantized(fmt: str, arch: str, naming: str, runtimes: list[dict]) -> list[str]:
     lines = ["## How to use", ""]
+    if runtimes:   # written with --allow-unloadable
+        lines += ["**Not every runtime loads this repository**, made with settings some refuse or serve slowly:", "",
+                  *(f"- {Verdict.from_dict(v).line()}" for v in runtimes), ""]
     if arch == "mixtral":
         lines += [f"Expert tensors use the **{naming}** names: "
                   + ("`block_sparse_moe.experts.E.w1/w2/w3`, the keys vLLM and TGI read (transformers 5 with "
