@@ -87,19 +87,23 @@ def apply_scales(weights: dict, spec, scales: dict[str, torch.Tensor], scale_rou
             fold(module, scales[group.key], "columns")
 
 
-def clip(weight: torch.Tensor, inputs: torch.Tensor, scheme: Scheme, grid: int = 20) -> torch.Tensor:
-    """Clip each group of `weight` to the threshold (down to CLIP_SHRINK of its max) whose quantized output on
-    `inputs` (rows sampled by clip_rows) is closest to the unquantized one: AutoAWQ's _search_best_clip.
+def group_gram(inputs: torch.Tensor, group: int) -> torch.Tensor:
+    """G = X^T X / T per group of input columns [groups, g, g] of the rows clip_rows sampled: what clip reads of
+    them (one for all the linears that read the same rows: every expert's w1 and w3)."""
+    x = inputs.reshape(-1, inputs.shape[-1]).float()
+    x = x.reshape(x.shape[0], -1, group).transpose(0, 1)                     # [groups, tokens, g]
+    return x.transpose(1, 2) @ x / x.shape[1]
+
+
+def clip(weight: torch.Tensor, gram: torch.Tensor, scheme: Scheme, grid: int = 20) -> torch.Tensor:
+    """Clip each group of `weight` to the threshold (down to CLIP_SHRINK of its max) whose quantized output on the
+    rows `gram` was formed from (group_gram) is closest to the unquantized one: AutoAWQ's _search_best_clip.
 
     A group's output error over the tokens is a quadratic form of its weight error d: mean_t (x_t . d)^2 =
-    d^T G d with G = X^T X / T over the group's input columns, so each group's Gram matrix [g, g] is formed once
-    and every threshold costs g products per weight instead of one per token (4x fewer at 512 tokens, group 128),
-    without the cancellation of subtracting two outputs."""
+    d^T G d, so every threshold costs g products per weight instead of one per token (4x fewer at 512 tokens,
+    group 128), without the cancellation of subtracting two outputs."""
     out_features, in_features = weight.shape
     group = scheme.group_size
-    x = inputs.reshape(-1, in_features).float()
-    x = x.reshape(x.shape[0], -1, group).transpose(0, 1)                     # [groups, tokens, g]
-    gram = x.transpose(1, 2) @ x / x.shape[1]                                # [groups, g, g]
     w_all = weight.float().reshape(out_features, -1, group)                  # [out, groups, g]
     batch = max(1, CLIP_BATCH_BYTES // (4 * in_features))   # rows at a time: a few temporaries of this size
     limits = []

@@ -15,7 +15,7 @@ import torch
 
 from mixq.convert.architecture import ATTN_CONTEXT, ATTN_NORM, MLP_NORM, plan
 
-from ..awq_search import apply_scales, clip, clip_rows, search_scale
+from ..awq_search import apply_scales, clip, clip_rows, group_gram, search_scale
 from ..forward import attention_context, expert_forward, moe_forward, rms_norm, route
 from ..quantizer import rtn
 
@@ -74,13 +74,11 @@ def quantize_layer(ctx) -> dict:
         seen = {reads: clip_rows(rows, device) for reads, rows in inputs.items()}
         for group in layer_plan.smoothings:
             seen[group.reads] = seen[group.reads] / scales[group.key]
-        readers = {}   # the clipped linears by what they read: one search for all of them (every w1 and w3)
+        grams = {}     # one per input, shared by the linears that read it (every w1 and w3)
         for lin in layer_plan.linears:
             if lin.module not in UNCLIPPED:
-                readers.setdefault(lin.reads, []).append(lin.module)
-        for reads, modules in readers.items():
-            clipped = clip(torch.cat([w[f"{m}.weight"] for m in modules]), seen[reads], s.scheme)
-            for m, part in zip(modules, clipped.split([w[f"{m}.weight"].shape[0] for m in modules])):
-                w[f"{m}.weight"] = part
+                if lin.reads not in grams:
+                    grams[lin.reads] = group_gram(seen[lin.reads], s.scheme.group_size)
+                w[f"{lin.module}.weight"] = clip(w[f"{lin.module}.weight"], grams[lin.reads], s.scheme)
     ctx.stats["awq_scale_ratio"] = {k: round(float(v.max() / v.min()), 3) for k, v in scales.items()}
     return {module: rtn(w[f"{module}.weight"], s.scheme) for module in layer_plan.modules}
