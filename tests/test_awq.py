@@ -92,6 +92,9 @@ def test_awq_layer_files_unpack_to_what_the_engine_used(tmp_path):
     config = json.loads((tmp_path / "q/config.json").read_text())["quantization_config"]
     assert config == {"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4, "version": "gemm",
                       "modules_to_not_convert": ["gate"]}
+    from mixq.quantize.release.card import quantized_card
+    card = quantized_card(tmp_path / "q")    # AutoAWQ's own loader, as text-generation-webui calls it
+    assert 'AutoAWQForCausalLM.from_quantized("REPO", fuse_layers=False)' in card and "transformers 4.51.3" in card
     assert set(report["layers"][0]["awq_scale_ratio"]) == {"attn", "mlp", "down0", "down1", "down2", "down3"}
 
 

@@ -364,7 +364,12 @@ def test_allow_unloadable_writes_it_and_the_card_names_the_runtimes(cli, tmp_pat
     assert json.loads((tmp_path / "default/report.json").read_text())["runtimes"] == []
     card = quantized_card(tmp_path / "asym")
     assert "Not every runtime loads this repository" in card and "- gptq --asym: vLLM will not load it" in card
-    assert "Not every runtime" not in quantized_card(tmp_path / "default")
+    default = quantized_card(tmp_path / "default")
+    assert "Not every runtime" not in default
+    # vLLM left to pick Marlin (a forced --quantization takes the slow kernel); TGI's whole docker line
+    assert "vllm serve REPO --dtype half\n" in default and "--quantization gptq" not in default
+    assert "docker run --gpus all --shm-size 1g -p 8080:80 " in default and "archived upstream" in default
+    assert "AutoAWQ" not in default.split("## How to use")[1]
 
 
 def test_non_hf_source(cli, tmp_path, mixtral):

@@ -61,7 +61,7 @@ def test_cards_state_the_reports_numbers(release):
         assert f"| this repository | {check['perplexity']:.4f} |" in card
         assert f"{check['reference_perplexity']:.4f}" in card and f"{check['kl']:.5f}" in card
         assert f"({check['delta_percent']:+.2f}%)" in card
-        assert f"--quantization {method}" in card and "[INST]" in card
+        assert f"--quantize {method}" in card and "vllm serve REPO --dtype half\n" in card and "[INST]" in card
         assert f"| {report['calibration']['source']} | {report['calibration']['tokens']} |" in card
         for generation in check["generations"]:
             assert generation["text"].strip() in card

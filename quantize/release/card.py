@@ -118,12 +118,21 @@ def _usage_quantized(fmt: str, arch: str, naming: str, runtimes: list[dict]) -> 
                      "`mlp.experts.E.gate_proj/up_proj/down_proj`, for transformers 5 with GPTQModel and defuser "
                      "(vLLM and TGI read the classic names: make that variant with `--expert-naming classic`)."),
                   "The router (`gate`) is not quantized.", ""]
-    vllm_flag = fmt  # the quant_method is what vLLM's and TGI's flags name
-    lines += ["### vLLM", "", "```shell", f"vllm serve REPO --quantization {vllm_flag} --dtype half", "```", "",
-              "### Text Generation Inference", "", "```shell",
-              f"docker run --gpus all -v $PWD/REPO:/model ghcr.io/huggingface/text-generation-inference "
-              f"--model-id /model --quantize {vllm_flag}", "```", "",
-              "### transformers", "",
+    lines += ["### vLLM", "",
+              "vLLM reads the quantization config and picks its fastest kernel (Marlin, also for the MoE); "
+              "forcing `--quantization` makes it take the slower one.", "",
+              "```shell", "vllm serve REPO --dtype half", "```", "",
+              "### Text Generation Inference", "",
+              "TGI is archived upstream (March 2026); its last release still serves this repository:", "",
+              "```shell",
+              f"docker run --gpus all --shm-size 1g -p 8080:80 -v $PWD/REPO:/model "
+              f"ghcr.io/huggingface/text-generation-inference --model-id /model --quantize {fmt}", "```", ""]
+    if fmt == "awq":
+        lines += ["### AutoAWQ / text-generation-webui", "",
+                  "AutoAWQ 0.2.9 with transformers 4.51.3, on a CUDA GPU:", "",
+                  "```python", "from awq import AutoAWQForCausalLM",
+                  "model = AutoAWQForCausalLM.from_quantized(\"REPO\", fuse_layers=False)", "```", ""]
+    lines += ["### transformers", "",
               "Needs `gptqmodel` and `optimum` (transformers 5 loads AWQ and GPTQ through them).",
               "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
     if arch == "mixtral":
