@@ -143,12 +143,17 @@ def validate(spec: ModelSpec, settings: Settings) -> None:
 METHOD_COPIES = {"rtn": 0, "gptq": 1, "awq": 5}
 
 
+def layer_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """One decoder layer's weights in `dtype`."""
+    return sum(tensor_bytes(s, dtype) for s in plan(spec).tensor_shapes.values())
+
+
 def layer_working_set(spec: ModelSpec, settings: Settings, dtype: torch.dtype, seqlen: int) -> int:
     """Device bytes quantizing one layer needs beside the calibration activations: the layer's weights, their
     unquantized copy and the dequantized result; GPTQ's largest Hessian with its factors, or AWQ's widest smoothing
     group in fp32 beside its fake-quantized trial; one chunk's activations."""
     layer_plan = plan(spec)
-    layer = sum(tensor_bytes(s, dtype) for s in layer_plan.tensor_shapes.values())
+    layer = layer_bytes(spec, dtype)
     if settings.method == "gptq":
         widest = max(lin.shape[1] for lin in layer_plan.linears)
         solver = 4 * widest * widest * 4
@@ -246,7 +251,7 @@ class Work:
     def save(self, state: dict, hidden: torch.Tensor | None) -> None:
         if hidden is not None:
             with staged_file(self.path / "hidden.pt") as tmp:
-                torch.save(hidden.cpu(), tmp)
+                torch.save(hidden, tmp)   # on the host already: the loop copied it there
         write_file(self.path / STATE, json.dumps(state, indent=1))
 
     def hidden(self, device) -> torch.Tensor:
@@ -326,11 +331,11 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
     note(memory_plan)
     layers = range(state["next_layer"], spec.num_layers)
     # the next layer is read ahead into host memory when the host can spare it (and, on a CPU, no budget caps it)
-    layer_bytes = sum(tensor_bytes(shape, dtype) for shape in plan(spec).tensor_shapes.values())
-    ahead = 2 * layer_bytes <= host_memory_to_spare() and (device.type != "cpu" or budget.limit is None)
+    one_layer = layer_bytes(spec, dtype)
+    ahead = 2 * one_layer <= host_memory_to_spare() and (device.type != "cpu" or budget.limit is None)
     reading = Ahead(lambda i: ckpt.layer(i, "cpu" if ahead else device, dtype), layers, enabled=ahead)
     if ahead and len(layers) > 1:
-        note(f"reading each next layer ({human_bytes(layer_bytes)}) into host memory while one is quantized")
+        note(f"reading each next layer ({human_bytes(one_layer)}) into host memory while one is quantized")
     with reading, Behind("writer") as writer, \
             bar(total=spec.num_layers, initial=state["next_layer"], desc=f"{settings.method} layers",
                 unit="layer") as pbar:
