@@ -21,6 +21,13 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def generation_dtype(label: str, device: torch.device) -> torch.dtype:
+    """What `mixq check` generates its samples in: fp16 on a GPU unless a dtype was asked for, since that is what
+    the runtimes serve AWQ and GPTQ in (vLLM, TGI, AutoAWQ), and greedy tokens computed in bf16 or fp32 part from
+    theirs within a few dozen tokens; a CPU keeps the compute dtype."""
+    return torch.float16 if label == "auto" and device.type == "cuda" else compute_dtype(label, device)
+
+
 def compute_dtype(label: str, device: torch.device) -> torch.dtype:
     """auto: float32 on a CPU (its half-precision matmuls are slow and no more exact), bfloat16 on a GPU (the range
     of Mixtral's own weights; fp16 activations of large models overflow)."""

@@ -134,6 +134,21 @@ def test_cli_report(cli, tmp_path, mixtral):
     assert failed.exit_code == 3 and "check failed" in failed.stderr
 
 
+def test_sample_generations_state_their_dtype(mixtral):
+    """fp16 on a GPU (what the runtimes serve in) unless asked; a CPU keeps the compute dtype; the card says which."""
+    from mixq.quantize.device import generation_dtype
+    from mixq.quantize.release.card import _check_section
+    cuda = torch.device("cuda")
+    assert generation_dtype("auto", cuda) == torch.float16 and generation_dtype("bf16", cuda) == torch.bfloat16
+    assert generation_dtype("auto", torch.device("cpu")) == torch.float32
+    for label, name in (("auto", "float32"), ("f16", "float16")):
+        report = run_check(mixtral, seqlen=64, max_tokens=128, max_new_tokens=3, prompts=["Hi"], dtype=label)
+        assert report["generation_dtype"] == name and report["generations"][0]["new_tokens"] >= 1
+        line = next(x for x in _check_section(report) if x.startswith("Greedy decoding"))
+        assert f"computed by mixq on cpu in {name}" in line
+        assert ("what fp16 runtimes such as vLLM" in line) == (name == "float16")
+
+
 def test_reference_equal_to_model_has_zero_kl(mixtral, tokenizer):
     report = run_check(mixtral, reference=mixtral, seqlen=64, max_tokens=128, max_new_tokens=0)
     assert report["kl"] == pytest.approx(0, abs=1e-9) and report["delta"] == pytest.approx(0, abs=1e-9)

@@ -14,7 +14,7 @@ from mixq.convert.errors import MixqError
 from mixq.convert.output import write_file
 from mixq.convert.progress import note
 
-from ..device import compute_dtype, pick_device
+from ..device import compute_dtype, generation_dtype, pick_device
 from ..memory import Budget
 from .evaluate import make_windows, perplexity
 from .generate import DEFAULT_PROMPTS, LoadedModel, generate, prompt_ids
@@ -84,9 +84,12 @@ def run_check(model: str | Path, eval_source: str = "shakespeare", reference: st
         report.update(perplexity(ckpt, windows, torch_device, torch_dtype, batch, ref, budget))
     prompts = list(DEFAULT_PROMPTS) if prompts is None else list(prompts)
     report["generations"] = []
+    gen_dtype = generation_dtype(dtype, torch_device)
+    report["generation_dtype"] = torch_name(gen_dtype)
     if prompts and max_new_tokens > 0:
         context = max(len(prompt_ids(tokenizer, p)) for p in prompts) + max_new_tokens + 1
-        loaded = LoadedModel(ckpt, torch_device, torch_dtype, budget, context)
+        source = ckpt if gen_dtype == torch_dtype else open_any(model, gen_dtype)
+        loaded = LoadedModel(source, torch_device, gen_dtype, budget, context)
         report["generations"] = generate(loaded, tokenizer, prompts, max_new_tokens, temperature, top_p, seed,
                                          stream)
         del loaded

@@ -62,10 +62,14 @@ def _check_section(check: dict | None) -> list[str]:
                   f"mean KL divergence from the reference: {check['kl']:.5f} per token."]
     lines.append("")
     if check.get("generations"):
+        how = (f"Greedy decoding, at most {check['sampling']['max_new_tokens']} new tokens"
+               if not check["sampling"]["temperature"] else
+               f"Sampling at temperature {check['sampling']['temperature']}, top-p {check['sampling']['top_p']}")
+        dtype = check.get("generation_dtype", check["dtype"])
         lines += ["## Sample generations", "",
-                  f"Greedy decoding, at most {check['sampling']['max_new_tokens']} new tokens"
-                  if not check["sampling"]["temperature"] else
-                  f"Sampling at temperature {check['sampling']['temperature']}, top-p {check['sampling']['top_p']}",
+                  f"{how}, computed by mixq on {check['device']} in {dtype}"
+                  + (" (what fp16 runtimes such as vLLM, TGI and AutoAWQ reproduce)." if dtype == "float16" else
+                     "; runtimes serving in fp16 may part from these tokens (`mixq check --dtype f16` gives theirs)."),
                   "", *_generations(check["generations"])]
     return lines
 
