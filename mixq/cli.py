@@ -241,7 +241,8 @@ def engine_options(fn):
         click.option("--expert-naming", type=click.Choice(EXPERT_NAMINGS), default="classic",
                      show_default=True,
                      help="Mixtral expert keys: classic block_sparse_moe.experts.E.w1/w2/w3 (vLLM, TGI) or "
-                          "transformers mlp.experts.E.gate_proj/up_proj/down_proj (transformers 5 + GPTQModel)."),
+                          "transformers mlp.experts.E.gate_proj/up_proj/down_proj (transformers 5 + GPTQModel; "
+                          "vLLM, TGI and AutoAWQ do not load it, so it needs --allow-unloadable)."),
         click.option("--device", default="auto", show_default=True, help="cuda, cuda:N or cpu (auto: CUDA if any)."),
         click.option("--compute-dtype", "compute_dtype", type=click.Choice(COMPUTE_DTYPES), default="auto",
                      show_default=True, help=COMPUTE_DTYPE_HELP),
@@ -252,8 +253,9 @@ def engine_options(fn):
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint."),
         click.option("--allow-unloadable", is_flag=True,
                      help="Write settings a runtime refuses or serves slowly (gptq --asym and --desc-act "
-                          "--no-static-groups: vLLM refuses; awq --no-zero-point, a MoE hidden size not a multiple "
-                          "of 128: vLLM loses Marlin); the card then says which runtimes."),
+                          "--no-static-groups: vLLM refuses; --expert-naming transformers: vLLM, TGI and AutoAWQ "
+                          "refuse; awq --no-zero-point, a MoE hidden size not a multiple of 128: vLLM loses "
+                          "Marlin); the card then says which runtimes."),
         click.option("--checkpoint-every", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Layers between resume checkpoints. Each writes the next layer's inputs (the size of "
                           "the calibration activations, 2 GB for Mixtral at 128 x 2048); --resume redoes at most "

@@ -41,17 +41,17 @@ def tiny_hf(path: Path, arch="mixtral", seed=0, decisive_router=True, **shape) -
     return path / "hf"
 
 
-def forward_logits(ckpt, tokens) -> torch.Tensor:
-    """The engine's reference forward over a whole checkpoint (canonical tensors, fp32)."""
+def forward_logits(ckpt, tokens, dtype=torch.float32) -> torch.Tensor:
+    """The engine's reference forward over a whole checkpoint (canonical tensors, fp32 unless told)."""
     spec = ckpt.spec
-    x = ckpt.get("model.embed_tokens.weight").float()[torch.tensor([tokens])]
-    rope = Rotary.build(spec, len(tokens), "cpu", torch.float32)
+    x = ckpt.get("model.embed_tokens.weight").to(dtype)[torch.tensor([tokens])]
+    rope = Rotary.build(spec, len(tokens), "cpu", dtype)
     for layer in range(spec.num_layers):
         prefix = f"model.layers.{layer}."
-        weights = {n[len(prefix):]: ckpt.get(n).float() for n in ckpt.tensors if n.startswith(prefix)}
+        weights = {n[len(prefix):]: ckpt.get(n).to(dtype) for n in ckpt.tensors if n.startswith(prefix)}
         x = decoder_layer(x, weights, spec, rope)
-    head = ckpt.get("model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight").float()
-    return (rms_norm(x, ckpt.get("model.norm.weight").float(), spec.rms_norm_eps) @ head.T)[0]
+    head = ckpt.get("model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight").to(dtype)
+    return (rms_norm(x, ckpt.get("model.norm.weight").to(dtype), spec.rms_norm_eps) @ head.T)[0].float()
 
 
 @pytest.fixture(scope="module")
@@ -342,6 +342,8 @@ CALIB_ARGS = ("--calib", "kjv", "--samples", "2", "--seqlen", "16")
                          "quantization config: bits=4, sym=False; TGI runs every expert on every token)"),
     ("gptq", ["--desc-act", "--no-static-groups"], "gptq --desc-act --no-static-groups: vLLM will not load it"),
     ("awq", ["--no-zero-point"], "awq --no-zero-point: vLLM serves it on a slow path"),
+    ("awq", ["--expert-naming", "transformers"],
+     "--expert-naming transformers: vLLM, TGI and AutoAWQ will not load it"),
 ])
 def test_settings_a_runtime_refuses_are_refused_before_any_work(cli, tmp_path, mixtral, method, args, match):
     _fails(cli, tmp_path, method, mixtral, *args, *CALIB_ARGS, match=match)
@@ -370,6 +372,15 @@ def test_allow_unloadable_writes_it_and_the_card_names_the_runtimes(cli, tmp_pat
     assert "vllm serve REPO --dtype half\n" in default and "--quantization gptq" not in default
     assert "docker run --gpus all --shm-size 1g -p 8080:80 " in default and "archived upstream" in default
     assert "AutoAWQ" not in default.split("## How to use")[1]
+    # each runtime only for the expert naming it loads: transformers 5 reads the classic names into random experts
+    assert "### transformers" not in default and "### vLLM" in default
+    result = cli("quantize", "gptq", mixtral, tmp_path / "named", "--expert-naming", "transformers",
+                 "--allow-unloadable", *CALIB_ARGS)
+    assert result.exit_code == 0, result.output
+    named = quantized_card(tmp_path / "named")
+    assert "### transformers" in named and "defuser" in named
+    assert "### vLLM" not in named and "### Text Generation Inference" not in named
+    assert "- --expert-naming transformers: vLLM and TGI will not load it" in named
 
 
 def test_non_hf_source(cli, tmp_path, mixtral):

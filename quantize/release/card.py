@@ -114,40 +114,46 @@ def _usage_quantized(fmt: str, arch: str, naming: str, runtimes: list[dict]) -> 
     if runtimes:   # written with --allow-unloadable
         lines += ["**Not every runtime loads this repository**, made with settings some refuse or serve slowly:", "",
                   *(f"- {Verdict.from_dict(v).line()}" for v in runtimes), ""]
+    readers = "vLLM, TGI and AutoAWQ" if fmt == "awq" else "vLLM and TGI"
     if arch == "mixtral":
         lines += [f"Expert tensors use the **{naming}** names: "
-                  + ("`block_sparse_moe.experts.E.w1/w2/w3`, the keys vLLM and TGI read (transformers 5 with "
+                  + (f"`block_sparse_moe.experts.E.w1/w2/w3`, the keys {readers} read (transformers 5 with "
                      "GPTQModel loads these experts uninitialised: make the transformers-named variant with "
                      "`--expert-naming transformers` for it)." if naming == "classic" else
                      "`mlp.experts.E.gate_proj/up_proj/down_proj`, for transformers 5 with GPTQModel and defuser "
-                     "(vLLM and TGI read the classic names: make that variant with `--expert-naming classic`)."),
+                     f"({readers} read the classic names: make that variant with `--expert-naming classic`)."),
                   "The router (`gate`) is not quantized.", ""]
-    lines += ["### vLLM", "",
-              "vLLM reads the quantization config and picks its fastest kernel (Marlin, also for the MoE); "
-              "forcing `--quantization` makes it take the slower one.", "",
-              "```shell", "vllm serve REPO --dtype half", "```", "",
-              "### Text Generation Inference", "",
-              "TGI is archived upstream (March 2026); its last release still serves this repository:", "",
-              "```shell",
-              f"docker run --gpus all --shm-size 1g -p 8080:80 -v $PWD/REPO:/model "
-              f"ghcr.io/huggingface/text-generation-inference --model-id /model --quantize {fmt}", "```", ""]
-    if fmt == "awq":
+    # a Mixtral's experts are read under one naming each: vLLM, TGI and AutoAWQ the classic one, transformers 5
+    # (with defuser) the transformers one; each runtime is shown only for the naming it loads
+    classic = arch != "mixtral" or naming == "classic"
+    if classic:
+        lines += ["### vLLM", "",
+                  "vLLM reads the quantization config and picks its fastest kernel (Marlin, also for the MoE); "
+                  "forcing `--quantization` makes it take the slower one.", "",
+                  "```shell", "vllm serve REPO --dtype half", "```", "",
+                  "### Text Generation Inference", "",
+                  "TGI is archived upstream (March 2026); its last release still serves this repository:", "",
+                  "```shell",
+                  f"docker run --gpus all --shm-size 1g -p 8080:80 -v $PWD/REPO:/model "
+                  f"ghcr.io/huggingface/text-generation-inference --model-id /model --quantize {fmt}", "```", ""]
+    if classic and fmt == "awq":
         lines += ["### AutoAWQ / text-generation-webui", "",
                   "AutoAWQ 0.2.9 with transformers 4.51.3, on a CUDA GPU:", "",
                   "```python", "from awq import AutoAWQForCausalLM",
                   "model = AutoAWQForCausalLM.from_quantized(\"REPO\", fuse_layers=False)", "```", ""]
-    lines += ["### transformers", "",
-              "Needs `gptqmodel` and `optimum` (transformers 5 loads AWQ and GPTQ through them).",
-              "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
-    if arch == "mixtral":
-        lines += ["import defuser",
-                  "defuser.replace_fused_blocks(\"mixtral\")  # else the experts load fused and random"]
-    lines += ["tokenizer = AutoTokenizer.from_pretrained(\"REPO\")",
-              "model = AutoModelForCausalLM.from_pretrained(\"REPO\", device_map=\"auto\")",
-              "ids = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": \"Hello\"}], "
-              "add_generation_prompt=True, return_tensors=\"pt\").to(model.device)",
-              "print(tokenizer.decode(model.generate(ids, max_new_tokens=128)[0]))", "```", "",
-              "### mixq", "", "```shell", "mixq check REPO --reference BASE_MODEL", "```", ""]
+    if arch != "mixtral" or naming == "transformers":
+        lines += ["### transformers", "",
+                  "Needs `gptqmodel` and `optimum` (transformers 5 loads AWQ and GPTQ through them).",
+                  "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
+        if arch == "mixtral":
+            lines += ["import defuser",
+                      "defuser.replace_fused_blocks(\"mixtral\")  # else the experts load fused and random"]
+        lines += ["tokenizer = AutoTokenizer.from_pretrained(\"REPO\")",
+                  "model = AutoModelForCausalLM.from_pretrained(\"REPO\", device_map=\"auto\")",
+                  "ids = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": \"Hello\"}], "
+                  "add_generation_prompt=True, return_tensors=\"pt\").to(model.device)",
+                  "print(tokenizer.decode(model.generate(ids, max_new_tokens=128)[0]))", "```", ""]
+    lines += ["### mixq", "", "```shell", "mixq check REPO --reference BASE_MODEL", "```", ""]
     return lines
 
 
