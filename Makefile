@@ -54,7 +54,7 @@ GOAL_OUTTYPES = $(if $(filter release gguf,$(MAKECMDGOALS)),$(OUTTYPES))
 PIPELINE_ENV = $(INSTALL) $(if $(and $(INSTALL),$(K_QUANTS)),$(VENV)/.llama-cpp) $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
 
 .PHONY: setup setup-llama-cpp lock test test-fast lint bench clean-venv awq gptq gguf check release demo model \
-	preflight
+	preflight consumers
 
 # ---- environment -------------------------------------------------------------------------------------------------
 # Every package is installed under the constraints of LOCK: the versions CI tested, so a fresh clone next month
@@ -98,8 +98,19 @@ $(VENV)/.llama-cpp: $(VENV)/.installed
 	$(PIP_INSTALL) $(LLAMA_WHEELS)/*.whl
 	touch $@
 
-# the whole suite, slow real-model tests included (what CI runs)
-test: $(VENV)/.installed $(VENV)/.llama-cpp lint
+# the runtimes that judge mixq's outputs in tests/test_runtimes.py (AutoAWQ 0.2.9, vLLM 0.33.0), each pinned in
+# tests/runtimes/__init__.py and installed into a folder of its own, so this environment stays as it is (~20 s,
+# 460 MB); a changed pin reinstalls that runtime
+CONSUMERS ?= .consumers
+export MIXQ_CONSUMERS := $(abspath $(CONSUMERS))
+RUNTIMES := autoawq vllm
+consumers: $(RUNTIMES:%=$(CONSUMERS)/%/.installed)
+
+$(CONSUMERS)/%/.installed: tests/runtimes/__init__.py tests/runtimes/install.py | $(INSTALL)
+	$(PY) -m tests.runtimes.install $*
+
+# the whole suite, slow real-model tests and the runtimes' judgements included (what CI runs)
+test: $(VENV)/.installed $(VENV)/.llama-cpp consumers lint
 	$(PY) -m pytest -q -ra --durations=15
 
 # ruff's configuration is in pyproject.toml
