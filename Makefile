@@ -37,7 +37,13 @@ OUTTYPES ?= q8_0 q4_k_m
 QUANT_FLAGS ?=
 CHECK_FLAGS ?=
 DEVICE_MEMORY ?=
-LICENSE ?= apache-2.0
+# the cards' front matter: the original's Hub id (base_model), license and who quantized it; empty: the source's
+# own card's license, no base_model
+BASE_MODEL ?=
+LICENSE ?=
+QUANTIZED_BY ?=
+CARD_ARGS = $(if $(BASE_MODEL),--base-model $(BASE_MODEL)) $(if $(LICENSE),--license $(LICENSE)) \
+	$(if $(QUANTIZED_BY),--quantized-by "$(QUANTIZED_BY)")
 ANCHORS ?=
 
 QUANT_ARGS = --bits $(BITS) --group-size $(GROUP) --calib $(CALIB) --samples $(SAMPLES) --seqlen $(SEQLEN) \
@@ -156,7 +162,7 @@ $(REPOS:=/check.json): $(OUT)/%/check.json: $(OUT)/%/config.json
 	$(MIXQ) check $(OUT)/$* --reference $(MODEL) $(CHECK_ARGS) -o $@ --force
 
 $(REPOS:=/README.md): $(OUT)/%/README.md: $(OUT)/%/check.json
-	$(MIXQ) card $(OUT)/$* --base-model $(NAME) --license $(LICENSE)
+	$(MIXQ) card $(OUT)/$* $(CARD_ARGS)
 
 $(GGUF_FILES): $(OUT)/gguf/$(NAME)-%.gguf: | preflight
 	$(MIXQ) convert $(MODEL) $@ --to gguf --outtype $*
@@ -165,7 +171,7 @@ $(GGUF_FILES:.gguf=.check.json): %.check.json: %.gguf
 	$(MIXQ) check $< --reference $(MODEL) $(CHECK_ARGS) -o $@ --force
 
 $(OUT)/gguf/README.md: $(GGUF_FILES:.gguf=.check.json)
-	$(MIXQ) card $(OUT)/gguf --base-model $(NAME) --license $(LICENSE)
+	$(MIXQ) card $(OUT)/gguf $(CARD_ARGS)
 
 check: | $(INSTALL)
 	$(MIXQ) check $(MODEL) $(CHECK_ARGS) $(if $(REFERENCE),--reference $(REFERENCE))

@@ -360,14 +360,20 @@ def quantize_awq(model, out, zero_point, packing, grid, no_clip, duo_scaling, no
 
 @main.command("card")
 @click.argument("repo", type=click.Path(path_type=str))
-@click.option("--base-model", default=None, help="The name of the source model (default: the path in report.json).")
-@click.option("--license", "license_id", default="apache-2.0", show_default=True)
+@click.option("--base-model", default=None, metavar="ORG/NAME",
+              help="The original model's Hub id: the card's base_model, with base_model_relation: quantized "
+                   "(default: none; the card names the source folder).")
+@click.option("--license", "license_id", default=None,
+              help="License id (default: the source model's card's, else none).")
+@click.option("--language", multiple=True, help="A language the model speaks (repeatable; default: the source's).")
+@click.option("--quantized-by", default=None, help="Who made the quantization (the card's quantized_by).")
 @command
-def card_cmd(repo, base_model, license_id):
+def card_cmd(repo, base_model, license_id, language, quantized_by):
     """Write REPO/README.md (a model card) from the repository's config, report and check results. REPO is an
-    AWQ or GPTQ repository, or a folder of GGUF files."""
-    from mixq.quantize.release.card import write_card
-    path = write_card(repo, base_model, license_id)
+    AWQ or GPTQ repository, or a folder of GGUF files. The front matter follows the Hub's model card conventions;
+    what no flag gives is taken from the source model's own README.md where it has one."""
+    from mixq.quantize.release.card import Publishing, write_card
+    path = write_card(repo, Publishing(base_model, license_id, tuple(language) or None, quantized_by))
     return {"card": str(path)}, lambda r: f"wrote {r['card']}"
 
 

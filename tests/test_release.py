@@ -24,7 +24,11 @@ def make(out: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
 def make_args(out: Path, model: Path, *extra: str) -> list[str]:
     return ["make", "-C", str(ROOT), "--no-print-directory", "release", f"MODEL={model}", f"OUT={out}",
             f"MIXQ={sys.executable} -m mixq", "INSTALL=", "GROUP=128", "SAMPLES=4", "SEQLEN=32", "EVAL_SEQLEN=64",
-            "EVAL_TOKENS=256", "MAX_NEW=4", "OUTTYPES=f16 q8_0", "NAME=tiny-mixtral", *extra]
+            "EVAL_TOKENS=256", "MAX_NEW=4", "OUTTYPES=f16 q8_0", "NAME=tiny-mixtral", f"BASE_MODEL={BASE}",
+            "QUANTIZED_BY=mixq tests", *extra]
+
+
+BASE = "test-org/tiny-mixtral"
 
 
 def tree(path: Path) -> dict:
@@ -35,6 +39,7 @@ def tree(path: Path) -> dict:
 def release(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("release")
     model = tiny_hf(tmp)
+    (model / "README.md").write_text("---\nlicense: mit\nlanguage:\n- en\n- fr\n---\n# tiny\n")
     result = make(tmp / "out", model)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp / "out", model, result
@@ -72,13 +77,19 @@ def test_cards_state_the_reports_numbers(release):
 
 
 def test_front_matter_parses(release):
+    """As the Hub reads it (huggingface_hub's ModelCard): the original by its Hub id, the relation, the library and
+    pipeline; the source's own card gives license and languages (the tiny model's README says mit, en and fr)."""
+    from huggingface_hub import ModelCard
     out, _, _ = release
-    for card in ("awq", "gptq", "gguf"):
-        fields = read_front_matter(out / card / "README.md")
-        assert fields["base_model"] == "tiny-mixtral" and fields["quantized_by"] == "mixq"
-        assert fields["inference"] is False and fields["license"] == "apache-2.0"
-        assert fields["prompt_template"] == "<s>[INST] {prompt} [/INST]"
-        assert fields["model_type"] == "mixtral" and fields["language"] == ["en"]
+    for card, library in (("awq", "transformers"), ("gptq", "transformers"), ("gguf", "gguf")):
+        fields = ModelCard.load(out / card / "README.md").data.to_dict()
+        assert fields == read_front_matter(out / card / "README.md")
+        assert fields["base_model"] == BASE and fields["base_model_relation"] == "quantized"
+        assert fields["library_name"] == library and fields["pipeline_tag"] == "text-generation"
+        assert fields["quantized_by"] == "mixq tests" and fields["inference"] is False
+        assert fields["license"] == "mit" and fields["language"] == ["en", "fr"]
+        assert fields["prompt_template"] == "<s>[INST] {prompt} [/INST]" and fields["model_type"] == "mixtral"
+        assert "mixq" in fields["tags"]
     text = (out / "awq/README.md").read_text()
     assert yaml.safe_load(text.split("---\n")[1]) == read_front_matter(out / "awq/README.md")
 
@@ -120,3 +131,33 @@ def test_a_pipeline_fails_before_its_first_step(release, tmp_path, case):
                             timeout=600, env=os.environ | env)
     assert result.returncode != 0 and f"mixq: error: {says}" in result.stderr, result.stderr[-2000:]
     assert "mixq quantize" not in result.stdout and not (tmp_path / "out").exists()
+
+
+def test_cards_name_no_local_path(cli, tmp_path):
+    """Without --base-model the card names the source folder, writes no base_model and no path; flags override
+    the source's own card; a --base-model that is not a Hub id is refused in one line."""
+    from huggingface_hub import ModelCard
+
+    from mixq.quantize import Scheme, Settings, quantize_model
+    model = tiny_hf(tmp_path / "src")
+    (model / "README.md").write_text("---\nlicense: mit\nlanguage: [en, fr]\n---\n")
+    quantize_model(model, tmp_path / "q", Settings(method="rtn", scheme=Scheme(4, 128, sym=True), fmt="gptq"))
+    assert cli("card", tmp_path / "q").exit_code == 0
+    text = (tmp_path / "q/README.md").read_text()
+    fields = ModelCard.load(tmp_path / "q/README.md").data.to_dict()
+    assert "base_model" not in fields and "base_model_relation" not in fields and fields["license"] == "mit"
+    assert str(tmp_path) not in text and "quantization of `hf`" in text
+    result = cli("card", tmp_path / "q", "--license", "apache-2.0", "--language", "de", "--base-model", "org/m")
+    assert result.exit_code == 0, result.output
+    fields = ModelCard.load(tmp_path / "q/README.md").data.to_dict()
+    assert (fields["license"], fields["language"], fields["base_model"]) == ("apache-2.0", ["de"], "org/m")
+    refused = cli("card", tmp_path / "q", "--base-model", str(model))
+    assert refused.exit_code == 1 and "not a Hub id (ORG/NAME)" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+
+
+def test_calibration_datasets_by_hub_id():
+    from mixq.quantize.release.metadata import calibration_dataset
+    assert calibration_dataset("pileval") == "mit-han-lab/pile-val-backup"
+    assert calibration_dataset("hf:org/texts") == "org/texts" and calibration_dataset("org/texts:cfg") == "org/texts"
+    assert calibration_dataset("kjv") is None and calibration_dataset("data.jsonl") is None

@@ -4,6 +4,7 @@ llama.cpp."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -16,6 +17,7 @@ from mixq.convert.progress import human_bytes
 from ..check import CHECK_FILE, read_check
 from ..formats import FORMATS
 from ..runtimes import Verdict
+from .metadata import CardData, calibration_dataset, display_name, hub_id, source_card
 from .summary import artifact_bytes
 
 CARD = "README.md"
@@ -34,10 +36,19 @@ def prompt_template(repo: Path) -> str:
     return "{prompt}"
 
 
-def front_matter(base: str, license_id: str, model_type: str, template: str, tags: list[str]) -> str:
-    fields = {"base_model": base, "license": license_id, "language": ["en"], "quantized_by": "mixq",
-              "model_type": model_type, "prompt_template": template, "inference": False, "tags": tags}
-    return "---\n" + yaml.safe_dump(fields, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
+@dataclass(frozen=True)
+class Publishing:
+    """What the person publishing says about a card (flags): each None takes the source's own card, or is left
+    out."""
+    base_model: str | None = None     # ORG/NAME on the Hub
+    license: str | None = None
+    language: tuple[str, ...] | None = None
+    quantized_by: str | None = None
+
+    def card_data(self, source: str | None, **fields) -> CardData:
+        return CardData(base_model=self.base_model or source, source=source_card(source), license=self.license,
+                        language=list(self.language) if self.language else None, quantized_by=self.quantized_by,
+                        **fields)
 
 
 def _generations(generations: list[dict]) -> list[str]:
@@ -74,7 +85,7 @@ def _check_section(check: dict | None) -> list[str]:
     return lines
 
 
-def quantized_card(repo: Path, base_model: str | None = None, license_id: str = "apache-2.0") -> str:
+def quantized_card(repo: Path, publishing: Publishing = Publishing()) -> str:
     config = read_json(repo / "config.json", missing_ok=True) or {}
     qc = config.get("quantization_config") or {}
     fmt = FORMATS.get(qc.get("quant_method"))
@@ -85,7 +96,7 @@ def quantized_card(repo: Path, base_model: str | None = None, license_id: str = 
     check = read_check(repo / CHECK_FILE) or report.get("check")
     settings = report.get("settings", {})
     calib = report.get("calibration") or {}
-    base = base_model or report.get("model") or "unknown"
+    base = display_name(publishing.base_model or report.get("model"))
     name = Path(base).name
     template = prompt_template(repo)
     arch = config.get("model_type", "")
@@ -93,7 +104,10 @@ def quantized_card(repo: Path, base_model: str | None = None, license_id: str = 
     title = fmt.title
     tags = [fmt.name, f"{qc.get('bits', 4)}-bit", "mixq"] + (["moe", "mixtral"] if arch == "mixtral" else [])
     detail = fmt.describe(qc, settings)
-    lines = [front_matter(base, license_id, arch, template, tags), f"# {name} - {title}", "",
+    dataset = calibration_dataset(calib.get("source"))
+    data = publishing.card_data(report.get("model"), library="transformers", model_type=arch,
+                                prompt_template=template, tags=tags, datasets=[dataset] if dataset else [])
+    lines = [data.front_matter(), f"# {name} - {title}", "",
              f"{title} {qc.get('bits')}-bit quantization of `{base}`, made with mixq "
              f"({report.get('method', fmt.name)} on {report.get('device', '?')}).", "",
              "## Prompt template", "", "```", template, "```", "",
@@ -178,25 +192,26 @@ def _details(report: dict) -> list[str]:
     return lines
 
 
-def gguf_card(folder: Path, base_model: str | None = None, license_id: str = "apache-2.0") -> str:
+def gguf_card(folder: Path, publishing: Publishing = Publishing()) -> str:
     from mixq.convert import inspect_checkpoint
     files = sorted(p for p in folder.glob("*.gguf"))
     if not files:
         raise MixqError(f"{folder}: no .gguf files")
     infos = {f: inspect_checkpoint(f) for f in files}
     info = infos[files[0]]
-    base = base_model or info["metadata"].get("general.name") or files[0].stem
+    checks = {f.name: read_check(f.with_suffix(".check.json")) for f in files}
+    source = next((c.get("reference") for c in checks.values() if c and c.get("reference")), None)
+    base = display_name(publishing.base_model or source or info["metadata"].get("general.name") or files[0].stem)
     template = prompt_template(files[0])
-    lines = [front_matter(base, license_id, info["architecture"], template, ["gguf", "llama.cpp", "mixq"]),
-             f"# {Path(str(base)).name} - GGUF", "",
+    data = publishing.card_data(source, library="gguf", model_type=info["architecture"], prompt_template=template,
+                                tags=["gguf", "llama.cpp", "mixq"])
+    lines = [data.front_matter(), f"# {Path(str(base)).name} - GGUF", "",
              f"GGUF files of `{base}` for llama.cpp and the runtimes built on it, made with mixq.", "",
              "## Prompt template", "", "```", template, "```", "",
              "## Provided files", "",
              "| file | type | size | bits per weight | perplexity | vs reference |", "|---|---|---|---|---|---|"]
-    checks = {}
     for f in files:
-        check = read_check(f.with_suffix(".check.json"))
-        checks[f.name] = check
+        check = checks[f.name]
         size = f.stat().st_size
         params = infos[f]["parameters"]
         ppl = f"{check['perplexity']:.4f}" if check else "-"
@@ -222,12 +237,14 @@ def gguf_card(folder: Path, base_model: str | None = None, license_id: str = "ap
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_card(path: str | Path, base_model: str | None = None, license_id: str = "apache-2.0") -> Path:
+def write_card(path: str | Path, publishing: Publishing = Publishing()) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise MixqError(f"{path}: not a folder (give the repository or the folder of .gguf files)")
-    text = gguf_card(path, base_model, license_id) if any(path.glob("*.gguf")) else \
-        quantized_card(path, base_model, license_id)
+    if publishing.base_model and not hub_id(publishing.base_model):
+        raise MixqError(f"--base-model {publishing.base_model}: not a Hub id (ORG/NAME); the card's base_model names "
+                        f"the original on the Hub")
+    text = gguf_card(path, publishing) if any(path.glob("*.gguf")) else quantized_card(path, publishing)
     return write_file(path / CARD, text)
 
 
