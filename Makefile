@@ -60,7 +60,7 @@ GOAL_OUTTYPES = $(if $(filter release gguf,$(MAKECMDGOALS)),$(OUTTYPES))
 PIPELINE_ENV = $(INSTALL) $(if $(and $(INSTALL),$(K_QUANTS)),$(VENV)/.llama-cpp) $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
 
 .PHONY: setup setup-llama-cpp lock test test-fast lint bench clean-venv awq gptq gguf check release demo model \
-	preflight consumers
+	preflight consumers FORCE
 
 # ---- environment -------------------------------------------------------------------------------------------------
 # Every package is installed under the constraints of LOCK: the versions CI tested, so a fresh clone next month
@@ -150,27 +150,44 @@ gguf: $(OUT)/gguf/README.md
 # every artifact is named explicitly (static patterns), so none is an intermediate file make would delete or skip
 REPOS = $(OUT)/awq $(OUT)/gptq
 
+# Each artifact depends on a stamp holding the settings that make it, rewritten only when they change: a run with
+# another GROUP remakes the AWQ and GPTQ repositories (and their checks and cards) and nothing else; another EVAL
+# remakes every check and card. An artifact remade over its older self is replaced with --force, whole or not at all.
+STAMPS = $(OUT)/.mixq
+STAMP_FILES = $(STAMPS)/awq.quantize $(STAMPS)/gptq.quantize $(OUTTYPES:%=$(STAMPS)/gguf-%.convert) $(STAMPS)/check \
+	$(STAMPS)/card
+replace = $(if $(wildcard $(1)),--force)
+
+# the settings travel in the environment, so quotes or commas in them (a --prompt) need no escaping
+$(STAMPS)/awq.quantize $(STAMPS)/gptq.quantize: export MIXQ_SETTINGS = $(basename $(notdir $@)) $(MODEL) $(QUANT_ARGS)
+$(OUTTYPES:%=$(STAMPS)/gguf-%.convert): export MIXQ_SETTINGS = $(MODEL) $(basename $(notdir $@))
+$(STAMPS)/check: export MIXQ_SETTINGS = $(MODEL) $(CHECK_ARGS)
+$(STAMPS)/card: export MIXQ_SETTINGS = $(CARD_ARGS)
+$(STAMP_FILES): FORCE | preflight
+	@mkdir -p $(@D) && { printf '%s\n' "$$MIXQ_SETTINGS" | cmp -s - $@ || printf '%s\n' "$$MIXQ_SETTINGS" > $@; }
+FORCE:
+
 preflight: | $(PIPELINE_ENV)
 	$(MIXQ) preflight $(MODEL) $(OUT) $(foreach m,$(GOAL_METHODS),--method $(m)) \
 		$(foreach t,$(GOAL_OUTTYPES),--outtype $(t)) --calib $(CALIB) --eval $(EVAL) --bits $(BITS) \
 		--group-size $(GROUP) --name $(NAME)
 
-$(REPOS:=/config.json): $(OUT)/%/config.json: | preflight
-	$(MIXQ) quantize $* $(MODEL) $(OUT)/$* $(QUANT_ARGS)
+$(REPOS:=/config.json): $(OUT)/%/config.json: $(STAMPS)/%.quantize | preflight
+	$(MIXQ) quantize $* $(MODEL) $(OUT)/$* $(QUANT_ARGS) $(call replace,$@)
 
-$(REPOS:=/check.json): $(OUT)/%/check.json: $(OUT)/%/config.json
+$(REPOS:=/check.json): $(OUT)/%/check.json: $(OUT)/%/config.json $(STAMPS)/check
 	$(MIXQ) check $(OUT)/$* --reference $(MODEL) $(CHECK_ARGS) -o $@ --force
 
-$(REPOS:=/README.md): $(OUT)/%/README.md: $(OUT)/%/check.json
+$(REPOS:=/README.md): $(OUT)/%/README.md: $(OUT)/%/check.json $(STAMPS)/card
 	$(MIXQ) card $(OUT)/$* $(CARD_ARGS)
 
-$(GGUF_FILES): $(OUT)/gguf/$(NAME)-%.gguf: | preflight
-	$(MIXQ) convert $(MODEL) $@ --to gguf --outtype $*
+$(GGUF_FILES): $(OUT)/gguf/$(NAME)-%.gguf: $(STAMPS)/gguf-%.convert | preflight
+	$(MIXQ) convert $(MODEL) $@ --to gguf --outtype $* $(call replace,$@)
 
-$(GGUF_FILES:.gguf=.check.json): %.check.json: %.gguf
+$(GGUF_FILES:.gguf=.check.json): %.check.json: %.gguf $(STAMPS)/check
 	$(MIXQ) check $< --reference $(MODEL) $(CHECK_ARGS) -o $@ --force
 
-$(OUT)/gguf/README.md: $(GGUF_FILES:.gguf=.check.json)
+$(OUT)/gguf/README.md: $(GGUF_FILES:.gguf=.check.json) $(STAMPS)/card
 	$(MIXQ) card $(OUT)/gguf $(CARD_ARGS)
 
 check: | $(INSTALL)

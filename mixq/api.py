@@ -55,8 +55,12 @@ def check(model, *, reference=None, eval: str = "shakespeare", eval_method: str 
           max_tokens: int | None = None, prompts=None, max_new_tokens: int = 128, temperature: float = 0.0,
           top_p: float = 1.0, seed: int = 0, eval_batch: int = 4, split: str | None = None,
           field: str | None = None, device: str = "auto", compute_dtype: str = "auto", output=None,
-          force: bool = False, stream=None, device_memory=None) -> dict:
+          force: bool = False, stream=None, device_memory=None, fail_above: float | None = None) -> dict:
     """`mixq check`: perplexity (against `reference` when given, with KL) and sample generations.
+
+    `fail_above`: a gate; when the perplexity exceeds the reference's by more than this many percent, the report
+    is returned as `exceeded(report)` says and `output` is left as it was (a pipeline then still holds the last
+    report that passed, and remakes the failed one next time).
 
     `device_memory`: bytes (or a size such as "20GB") the check may keep on the device at once (default: the
     device's, less a margin; unlimited on a CPU). `output`: write the report there (refused before the evaluation
@@ -74,9 +78,14 @@ def check(model, *, reference=None, eval: str = "shakespeare", eval_method: str 
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                        device=device, dtype=compute_dtype, batch=eval_batch, split=split, text_field=field,
                        stream=stream, device_memory=device_memory)
-    if output is not None:
+    if output is not None and not exceeded(report, fail_above):
         save_report(report, output)
     return report
+
+
+def exceeded(report: dict, fail_above: float | None) -> bool:
+    """Whether a check report fails the gate `fail_above` (percent over the reference's perplexity)."""
+    return fail_above is not None and report.get("delta_percent", 0) > fail_above
 
 
 def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samples: int = 128, seqlen: int = 512,

@@ -209,7 +209,8 @@ def _stream(quiet: bool):
 @click.option("-o", "--output", type=click.Path(path_type=str), default=None, help="Write the report (JSON) here.")
 @click.option("--force", is_flag=True, help="Replace the report at --output if it exists.")
 @click.option("--fail-above", type=float, default=None,
-              help="Exit with code 3 when the perplexity exceeds the reference's by more than this many percent.")
+              help="Exit with code 3 when the perplexity exceeds the reference's by more than this many percent "
+                   "(the report at --output is then not written).")
 @command
 def check_cmd(model, reference, device, compute_dtype, device_memory, output, force, fail_above, **kwargs):
     """Perplexity and sample generations for an HF, AWQ, GPTQ or GGUF checkpoint."""
@@ -219,13 +220,13 @@ def check_cmd(model, reference, device, compute_dtype, device_memory, output, fo
                                "perplexity")
     report = api.check(model, reference=reference, device=device, compute_dtype=compute_dtype, output=output,
                        force=force, device_memory=device_memory, stream=_stream(progress.is_quiet()),
-                       **check_kwargs(kwargs))
+                       fail_above=fail_above, **check_kwargs(kwargs))
     if not progress.is_quiet() and report["generations"]:
         click.echo("", err=True)
-    if fail_above is not None and report.get("delta_percent", 0) > fail_above:
+    if api.exceeded(report, fail_above):
         click.echo(render_check(report), err=True)
         click.echo(f"mixq: check failed: perplexity {report['delta_percent']:+.2f}% above the reference "
-                   f"(limit {fail_above}%)", err=True)
+                   f"(limit {fail_above}%){f'; {output} left as it was' if output else ''}", err=True)
         sys.exit(EXIT_THRESHOLD)
     return report, render_check
 

@@ -32,7 +32,9 @@ BASE = "test-org/tiny-mixtral"
 
 
 def tree(path: Path) -> dict:
-    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*")) if p.is_file()}
+    """Every file of a release and its modification time, the settings stamps (.mixq/) aside."""
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))
+            if p.is_file() and p.relative_to(path).parts[0] != ".mixq"}
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +115,22 @@ def test_failed_step_leaves_the_tree_as_it_was(release):
     assert new <= {"gguf/tiny-mixtral-q4_0.gguf"}  # the finished conversion stays; its failed check leaves nothing
     assert {k: v for k, v in after.items() if k in before} == before
     assert not [f for f in after if "partial" in f]
+
+
+def test_changed_settings_remake_exactly_what_they_affect(release):
+    """Another GROUP remakes the AWQ and GPTQ repositories, their checks and cards, and no GGUF file."""
+    out, model, _ = release
+    assert make(out, model).returncode == 0   # back to the fixture's settings after the failed run above
+    before = tree(out)
+    again = make(out, model, "GROUP=64")
+    assert again.returncode == 0, again.stderr[-2000:]
+    after = tree(out)
+    changed = {f for f in after if before.get(f) != after[f]}
+    assert {f.split("/")[0] for f in changed} == {"awq", "gptq"}, changed
+    assert {"awq/config.json", "awq/check.json", "awq/README.md", "gptq/README.md"} <= changed
+    for repo in ("awq", "gptq"):
+        assert json.loads((out / repo / "report.json").read_text())["settings"]["scheme"]["group_size"] == 64
+    assert make(out, model, "GROUP=64").returncode == 0 and tree(out) == after
 
 
 @pytest.mark.parametrize("case", ["evaluation text missing", "k-quant without llama.cpp", "bits awq cannot hold"])
