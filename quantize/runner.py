@@ -26,6 +26,7 @@ from mixq.convert.hf import (
 )
 from mixq.convert.output import claim, refuse_existing, refuse_overlap, replace_path, staged_file, write_file
 from mixq.convert.progress import bar, human_bytes, note
+from mixq.convert.provenance import published, source_card
 from mixq.convert.safetensors_io import SafetensorsFile, SafetensorsWriter
 from mixq.convert.spec import ModelSpec
 
@@ -452,7 +453,8 @@ def _finish(ckpt: Checkpoint, out: Path, work: Work, settings: Settings, state: 
     write_tokenizer_files(final, ckpt.vocab)
     report = {
         "method": settings.method, "format": settings.fmt, "settings": settings.as_dict(),
-        "model": str(ckpt.path), "architecture": spec.arch, "calibration": calibration,
+        "model": str(ckpt.path), "source_card": source_card(ckpt.path), "architecture": spec.arch,
+        "calibration": calibration,
         "device": str(device), "compute_dtype": torch_name(dtype), "device_memory": budget.limit,
         "peak_device_bytes": budget.peak_device_bytes(), "memory_plan": memory_plan,
         "layers": state["layers"], "files": sorted(p.name for p in final.iterdir()),
@@ -466,7 +468,7 @@ def _finish(ckpt: Checkpoint, out: Path, work: Work, settings: Settings, state: 
                                      "expert_statistics": EXPERT_STATISTICS.get(settings.method)}
     layer_files.clear()
     report["seconds"] = round(time.perf_counter() - started, 3)
-    write_json(final / "report.json", report)
+    write_json(final / "report.json", published(report))
     report["files"].append("report.json")
     refuse_existing([out], force)
     replace_path(final, out)

@@ -96,6 +96,15 @@ def test_front_matter_parses(release):
     assert yaml.safe_load(text.split("---\n")[1]) == read_front_matter(out / "awq/README.md")
 
 
+def test_no_local_path_in_the_release(release):
+    """Every file of a release may be published: none names the folders it was made in."""
+    out, model, _ = release
+    for path in out.rglob("*"):
+        if path.is_file() and ".mixq" not in path.parts:
+            data = path.read_bytes()
+            assert str(out.parent).encode() not in data and str(model).encode() not in data, path
+
+
 def test_second_release_does_nothing(release):
     out, model, _ = release
     before = tree(out)
@@ -179,3 +188,14 @@ def test_calibration_datasets_by_hub_id():
     assert calibration_dataset("pileval") == "mit-han-lab/pile-val-backup"
     assert calibration_dataset("hf:org/texts") == "org/texts" and calibration_dataset("org/texts:cfg") == "org/texts"
     assert calibration_dataset("kjv") is None and calibration_dataset("data.jsonl") is None
+
+
+def test_published_reports_name_no_local_path(tmp_path):
+    from mixq.convert.provenance import published
+    local = tmp_path / "models" / "mine"
+    local.mkdir(parents=True)
+    report = {"model": str(local), "calibration": {"source": "hf:org/texts", "tokenizer_name": str(local)},
+              "check": {"reference": "org/base", "eval": {"source": "kjv"}}, "layers": [{"source": "/abs/x.txt"}]}
+    assert published(report) == {"model": "mine", "calibration": {"source": "hf:org/texts", "tokenizer_name": "mine"},
+                                 "check": {"reference": "org/base", "eval": {"source": "kjv"}},
+                                 "layers": [{"source": "x.txt"}]}

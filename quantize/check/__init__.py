@@ -13,6 +13,7 @@ from mixq.convert.checkpoint import Checkpoint, torch_name
 from mixq.convert.errors import MixqError
 from mixq.convert.output import write_file
 from mixq.convert.progress import note
+from mixq.convert.provenance import published, source_card
 
 from ..device import compute_dtype, generation_dtype, pick_device
 from ..memory import Budget
@@ -79,6 +80,7 @@ def run_check(model: str | Path, eval_source: str = "shakespeare", reference: st
     windows = make_windows(ids, seqlen, method, bos_id=tokenizer.bos_token_id, max_tokens=max_tokens)
     note(f"perplexity on {windows.scored} tokens ({windows.tokens.shape[0]} windows of {seqlen}, {method})")
     report = {"model": str(model), "layout": ckpt.layout, "reference": str(reference) if reference else None,
+              "reference_card": source_card(reference) if reference else {},
               "eval": provenance, "device": str(torch_device), "dtype": torch_name(torch_dtype)}
     with torch.no_grad():
         report.update(perplexity(ckpt, windows, torch_device, torch_dtype, batch, ref, budget))
@@ -110,5 +112,6 @@ def summary(r: dict) -> str:
 
 
 def save_report(report: dict, path: str | Path) -> Path:
-    """A check or quantization report as indented JSON, written whole or not at all."""
-    return write_file(path, json.dumps(report, indent=2) + "\n")
+    """A check or quantization report as indented JSON, written whole or not at all, naming no local path
+    (convert.provenance: it may be published)."""
+    return write_file(path, json.dumps(published(report), indent=2) + "\n")

@@ -13,11 +13,12 @@ from mixq.convert.errors import MixqError
 from mixq.convert.jsonfile import read_json
 from mixq.convert.output import write_file
 from mixq.convert.progress import human_bytes
+from mixq.convert.provenance import hub_id, public_name
 
 from ..check import CHECK_FILE, read_check
 from ..formats import FORMATS
 from ..runtimes import Verdict
-from .metadata import CardData, calibration_dataset, display_name, hub_id, source_card
+from .metadata import CardData, calibration_dataset
 from .summary import artifact_bytes
 
 CARD = "README.md"
@@ -45,8 +46,8 @@ class Publishing:
     language: tuple[str, ...] | None = None
     quantized_by: str | None = None
 
-    def card_data(self, source: str | None, **fields) -> CardData:
-        return CardData(base_model=self.base_model or source, source=source_card(source), license=self.license,
+    def card_data(self, source: str | None, source_card: dict | None, **fields) -> CardData:
+        return CardData(base_model=self.base_model or source, source=source_card or {}, license=self.license,
                         language=list(self.language) if self.language else None, quantized_by=self.quantized_by,
                         **fields)
 
@@ -96,7 +97,7 @@ def quantized_card(repo: Path, publishing: Publishing = Publishing()) -> str:
     check = read_check(repo / CHECK_FILE) or report.get("check")
     settings = report.get("settings", {})
     calib = report.get("calibration") or {}
-    base = display_name(publishing.base_model or report.get("model"))
+    base = public_name(publishing.base_model or report.get("model")) or "unknown"
     name = Path(base).name
     template = prompt_template(repo)
     arch = config.get("model_type", "")
@@ -105,7 +106,8 @@ def quantized_card(repo: Path, publishing: Publishing = Publishing()) -> str:
     tags = [fmt.name, f"{qc.get('bits', 4)}-bit", "mixq"] + (["moe", "mixtral"] if arch == "mixtral" else [])
     detail = fmt.describe(qc, settings)
     dataset = calibration_dataset(calib.get("source"))
-    data = publishing.card_data(report.get("model"), library="transformers", model_type=arch,
+    data = publishing.card_data(report.get("model"), report.get("source_card"), library="transformers",
+                                model_type=arch,
                                 prompt_template=template, tags=tags, datasets=[dataset] if dataset else [])
     lines = [data.front_matter(), f"# {name} - {title}", "",
              f"{title} {qc.get('bits')}-bit quantization of `{base}`, made with mixq "
@@ -201,10 +203,11 @@ def gguf_card(folder: Path, publishing: Publishing = Publishing()) -> str:
     info = infos[files[0]]
     checks = {f.name: read_check(f.with_suffix(".check.json")) for f in files}
     source = next((c.get("reference") for c in checks.values() if c and c.get("reference")), None)
-    base = display_name(publishing.base_model or source or info["metadata"].get("general.name") or files[0].stem)
+    base = public_name(publishing.base_model or source or info["metadata"].get("general.name") or files[0].stem)
     template = prompt_template(files[0])
-    data = publishing.card_data(source, library="gguf", model_type=info["architecture"], prompt_template=template,
-                                tags=["gguf", "llama.cpp", "mixq"])
+    reference_card = next((c["reference_card"] for c in checks.values() if c and c.get("reference_card")), None)
+    data = publishing.card_data(source, reference_card, library="gguf", model_type=info["architecture"],
+                                prompt_template=template, tags=["gguf", "llama.cpp", "mixq"])
     lines = [data.front_matter(), f"# {Path(str(base)).name} - GGUF", "",
              f"GGUF files of `{base}` for llama.cpp and the runtimes built on it, made with mixq.", "",
              "## Prompt template", "", "```", template, "```", "",

@@ -5,41 +5,9 @@ the calibration dataset, who quantized it. A local path is never written: it nam
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from mixq.convert.errors import MixqError
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def hub_id(name: str | None) -> str | None:
-    """`name` when it is a Hub id (ORG/NAME) and not a local folder, else None."""
-    if not name or not HUB_ID.match(name) or Path(name).exists():
-        return None
-    return name
-
-
-def display_name(name: str | None) -> str:
-    """What a card calls the source: its Hub id, or the last part of a local path (never the path)."""
-    if not name:
-        return "unknown"
-    return hub_id(name) or Path(str(name).rstrip("/")).name
-
-
-def source_card(model: str | None) -> dict:
-    """The front matter of the source model's own README.md (a local folder), {} when it has none."""
-    if not model:
-        return {}
-    readme = Path(model) / "README.md"
-    if not readme.is_file():
-        return {}
-    from huggingface_hub import ModelCard
-    try:
-        return ModelCard.load(readme).data.to_dict()
-    except Exception as e:  # a malformed card is the source's problem; say which file
-        raise MixqError(f"{readme}: unreadable model card front matter ({e})") from None
+from mixq.convert.provenance import hub_id
 
 
 def calibration_dataset(source: str | None) -> str | None:
@@ -61,7 +29,7 @@ class CardData:
     model_type: str
     prompt_template: str
     tags: list[str]
-    source: dict = field(default_factory=dict)   # the source's own front matter
+    source: dict = field(default_factory=dict)   # the source's own card's license and languages (provenance)
     license: str | None = None        # flags; None: the source's
     language: list[str] | None = None
     datasets: list[str] = field(default_factory=list)
