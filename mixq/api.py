@@ -32,8 +32,10 @@ def convert(src, out, *, to: str, layout: str = "auto", dtype: str = "auto", out
             force: bool = False) -> dict:
     """`mixq convert SRC OUT --to {hf,torrent,gguf}`: a checkpoint in another layout, bit-exact at one dtype."""
     from mixq.convert import convert_checkpoint
-    return convert_checkpoint(src, out, to, dtype=dtype, shard_size=shard_size, force=force, weights_format=weights,
-                              outtype=outtype.lower(), split_max_size=split_max_size, layout=layout)
+    from mixq.convert.hub import resolve_model
+    return convert_checkpoint(resolve_model(src), out, to, dtype=dtype, shard_size=shard_size, force=force,
+                              weights_format=weights, outtype=outtype.lower(), split_max_size=split_max_size,
+                              layout=layout)
 
 
 def prepare_calibration(model, calib: str = "kjv", *, output=None, samples: int = 128, seqlen: int = 512,
@@ -41,11 +43,12 @@ def prepare_calibration(model, calib: str = "kjv", *, output=None, samples: int 
                         allow_fewer: bool = False, force: bool = False) -> dict:
     """`mixq calibration prepare`: token blocks of `calib` for `model`'s tokenizer, saved at `output` if given."""
     from mixq.calibration import prepare
+    from mixq.convert.hub import resolve_model
     from mixq.convert.output import refuse_existing
     if output is not None:
         refuse_existing([Path(output)], force)
-    blocks = prepare(model, calib, samples=samples, seqlen=seqlen, seed=seed, mode=mode, split=split,
-                     text_field=field, allow_fewer=allow_fewer)
+    blocks = prepare(resolve_model(model), calib, samples=samples, seqlen=seqlen, seed=seed, mode=mode,
+                     split=split, text_field=field, allow_fewer=allow_fewer)
     if output is not None:
         blocks.save(output)
     return {"output": None if output is None else str(output), **blocks.provenance}
@@ -67,8 +70,11 @@ def check(model, *, reference=None, eval: str = "shakespeare", eval_method: str 
     if it exists, unless `force`); `stream`: called as stream(prompt_index, text) while generating.
     """
     from mixq.convert.errors import MixqError
+    from mixq.convert.hub import resolve_model
     from mixq.convert.output import refuse_existing
     from mixq.quantize.check import run_check, save_report
+    model = resolve_model(model)
+    reference = None if reference is None else resolve_model(reference)
     if output is not None:
         refuse_existing([Path(output)], force)
         if not Path(output).parent.is_dir():
@@ -109,6 +115,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
     from mixq.calibration.sources import load_texts
     from mixq.convert.errors import MixqError
     from mixq.convert.hf import parse_size
+    from mixq.convert.hub import resolve_model
     from mixq.quantize import Settings, quantize_model
     from mixq.quantize.check import CHECK_FILE, save_report
     from mixq.quantize.formats import get_format
@@ -138,6 +145,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
                         shard_size=parse_size(shard_size), device_memory=device_memory,
                         checkpoint_every=checkpoint_every, **extra)
     check_options = ({} if check is True else dict(check)) if check else None
+    model = resolve_model(model)   # a Hub id fetched (once) into the cache
     ckpt = check_inputs(model, out, settings, force)  # before the calibration text is tokenized
     refused = refusal(verdicts(settings, ckpt.spec))
     if refused and not allow_unloadable:

@@ -14,6 +14,7 @@ from mixq.convert import open_checkpoint
 from mixq.convert.architecture import plan
 from mixq.convert.errors import MixqError
 from mixq.convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
+from mixq.convert.hub import resolve_model
 
 from .formats import FORMATS
 
@@ -34,6 +35,7 @@ def preflight(model: str | Path, out: str | Path, methods=(), outtypes=(), calib
     repositories OUT/METHOD and the files OUT/gguf/NAME-OUTTYPE.gguf (NAME: the model folder's name).
     """
     out = Path(out)
+    model = resolve_model(model)
     ckpt = open_checkpoint(model)
     for method in methods:
         if method not in FORMATS:
