@@ -31,6 +31,7 @@ from .names import (
 from .output import claim, publish, refuse_existing, scratch_beside
 from .pages import drop_file_pages
 from .progress import bar, is_quiet, note
+from .provenance import source_card
 from .rope import half_to_interleaved, interleaved_to_half
 from .spec import ModelSpec, integer, number, per_head
 from .tokenizer import NORMAL, UNUSED, Vocab
@@ -335,6 +336,28 @@ def _encode(tensor: torch.Tensor, type_name: str) -> np.ndarray:
     return gguf.quants.quantize(tensor.to(torch.float32).contiguous().numpy(), gguf.GGMLQuantizationType[type_name])
 
 
+def _add_card(writer, card: dict) -> None:
+    """What the source's model card says, under the keys llama.cpp's converter writes from it: general.license
+    (and license.name), general.languages, general.base_model.N.* for each model it was made from."""
+    if card.get("license"):
+        writer.add_license(card["license"])
+    if card.get("license_name"):
+        writer.add_license_name(card["license_name"])
+    languages = card.get("language")
+    if languages:
+        writer.add_languages([languages] if isinstance(languages, str) else list(languages))
+    bases = card.get("base_model")
+    bases = [bases] if isinstance(bases, str) else list(bases or [])
+    if bases:
+        writer.add_base_model_count(len(bases))
+        for i, base in enumerate(bases):
+            org, _, name = base.rpartition("/")
+            writer.add_base_model_name(i, name)
+            if org:
+                writer.add_base_model_organization(i, org)
+                writer.add_base_model_repo_url(i, f"https://huggingface.co/{base}")
+
+
 def _add_metadata(writer, ckpt: Checkpoint, file_type: int, quantized: bool) -> None:
     """The header as llama.cpp's converter writes it, through gguf-py's adders (each writes its key with the value
     type llama.cpp reads: UINT32 counts, FLOAT32 for rope.freq_base and the norm epsilon)."""
@@ -350,6 +373,8 @@ def _add_metadata(writer, ckpt: Checkpoint, file_type: int, quantized: bool) -> 
                      (g.ORGANIZATION, writer.add_organization), (g.VERSION, writer.add_version)):
         if general.get(key):
             add(general[key])
+    if ckpt.layout != "gguf":
+        _add_card(writer, source_card(ckpt.path))
     writer.add_block_count(spec.num_layers)
     writer.add_context_length(spec.max_position_embeddings)
     writer.add_embedding_length(spec.hidden_size)

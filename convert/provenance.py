@@ -13,7 +13,7 @@ from .errors import MixqError
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # report fields that may hold a local path (a model, a reference, a calibration or evaluation file, a tokenizer)
 PATH_FIELDS = ("model", "reference", "source", "tokenizer_name", "prepared_file")
-CARD_FIELDS = ("license", "license_name", "language")
+CARD_FIELDS = ("license", "license_name", "language", "base_model")
 
 
 def hub_id(name: str | None) -> str | None:
@@ -43,7 +43,8 @@ def published(record):
 
 
 def source_card(model: str | Path | None) -> dict:
-    """License and languages from the front matter of a local model folder's README.md; {} without one."""
+    """License, languages and the model it was made from (its base_model), from the front matter of a local
+    model folder's README.md; {} without one."""
     readme = Path(model) / "README.md" if model else None
     if readme is None or not readme.is_file():
         return {}

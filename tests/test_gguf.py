@@ -334,3 +334,20 @@ def test_k_quant_without_llama_cpp_names_the_extra(cli, tmp_path, monkeypatch):
     result = cli("convert", tmp_path / "src", tmp_path / "k.gguf", "--to", "gguf", "--outtype", "q4_k_m")
     assert result.exit_code == 1 and "mixq[llama-cpp]" in result.stderr
     assert not (tmp_path / "k.gguf").exists()
+
+
+def test_the_source_cards_license_and_base_model_are_written(tmp_path):
+    """As llama.cpp's converter writes them from the model card: general.license, general.languages and
+    general.base_model.N.*; a source without a card gets none of them."""
+    from tests.test_quantize_engine import tiny_hf
+    hf = tiny_hf(tmp_path / "m")
+    convert_checkpoint(hf, tmp_path / "bare.gguf", "gguf")
+    assert not [k for k in GGUFReader(tmp_path / "bare.gguf").fields if "license" in k or "base_model" in k]
+    (hf / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: [fr, en]\nbase_model: mistralai/Mixtral-8x7B"
+                                  "-v0.1\n---\n# a card\n")
+    convert_checkpoint(hf, tmp_path / "m.gguf", "gguf")
+    kv = {name: field.contents() for name, field in GGUFReader(tmp_path / "m.gguf").fields.items()}
+    assert kv["general.license"] == "apache-2.0" and kv["general.languages"] == ["fr", "en"]
+    assert kv["general.base_model.count"] == 1 and kv["general.base_model.0.name"] == "Mixtral-8x7B-v0.1"
+    assert kv["general.base_model.0.organization"] == "mistralai"
+    assert kv["general.base_model.0.repo_url"] == "https://huggingface.co/mistralai/Mixtral-8x7B-v0.1"
