@@ -60,7 +60,7 @@ GOAL_OUTTYPES = $(if $(filter release gguf,$(MAKECMDGOALS)),$(OUTTYPES))
 PIPELINE_ENV = $(INSTALL) $(if $(and $(INSTALL),$(K_QUANTS)),$(VENV)/.llama-cpp) $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
 
 .PHONY: setup setup-llama-cpp lock test test-fast lint bench clean-venv awq gptq gguf check release demo model \
-	preflight consumers FORCE
+	preflight consumers publish FORCE
 
 # ---- environment -------------------------------------------------------------------------------------------------
 # Every package is installed under the constraints of LOCK: the versions CI tested, so a fresh clone next month
@@ -196,6 +196,19 @@ check: | $(INSTALL)
 # one source checkpoint -> an AWQ repo, a GPTQ repo and GGUF files, each checked, each with its card
 release: $(OUT)/awq/README.md $(OUT)/gptq/README.md $(OUT)/gguf/README.md
 	@$(MIXQ) report $(OUT)
+
+# the release on the Hub: OUT/awq to HUB_ORG/NAME-AWQ, OUT/gptq to -GPTQ, OUT/gguf to -GGUF, each refused unless
+# checked (mixq upload); DRY_RUN=1 lists what would go. HUB_ORG is asked for before any step runs.
+HUB_ORG ?=
+DRY_RUN ?=
+ifneq ($(filter publish,$(MAKECMDGOALS)),)
+ifeq ($(HUB_ORG),)
+$(error make publish needs HUB_ORG=ORG, the Hub account or organisation to upload to)
+endif
+endif
+publish: release
+	$(foreach r,awq:AWQ gptq:GPTQ gguf:GGUF,$(MIXQ) upload $(OUT)/$(word 1,$(subst :, ,$(r))) \
+		--repo-id $(HUB_ORG)/$(NAME)-$(word 2,$(subst :, ,$(r))) $(if $(DRY_RUN),--dry-run) &&) true
 
 # the built-in default, sized for a CPU: SmolLM2 (hidden 576, so group 64), KJV calibration, Shakespeare evaluation
 demo: $(INSTALL)

@@ -378,6 +378,23 @@ def card_cmd(repo, base_model, license_id, language, quantized_by):
     return {"card": str(path)}, lambda r: f"wrote {r['card']}"
 
 
+@main.command("upload")
+@click.argument("repo", type=click.Path(path_type=str))
+@click.option("--repo-id", required=True, metavar="ORG/NAME", help="The Hub model repository (created if needed).")
+@click.option("--revision", default=None, metavar="BRANCH", help="A branch (created if needed; default: main).")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded, and upload nothing.")
+@command
+def upload_cmd(repo, repo_id, revision, private, dry_run):
+    """Upload REPO (a checked AWQ or GPTQ repository, or a folder of checked GGUF files) to the Hub. Refused when
+    a model file has no passing check report newer than it, or no card; hidden files (.mixq/ stamps) stay."""
+    from mixq.quantize.release.publish import upload
+    result = upload(repo, repo_id, revision, dry_run=dry_run, private=private)
+    return result, lambda r: table([("repository", f"{r['repo_id']} ({r['revision']})"),
+                                    ("files", ", ".join(r["files"])), ("size", human_bytes(r["bytes"])),
+                                    ("done", "dry run: nothing uploaded" if r["dry_run"] else r["commit"])])
+
+
 @main.command("report")
 @click.argument("folder", type=click.Path(path_type=str))
 @command

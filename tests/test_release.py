@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,57 @@ def test_front_matter_parses(release):
         assert "mixq" in fields["tags"]
     text = (out / "awq/README.md").read_text()
     assert yaml.safe_load(text.split("---\n")[1]) == read_front_matter(out / "awq/README.md")
+
+
+def test_make_publish_dry_run_lists_each_checked_artifact(release):
+    out, model, _ = release
+    result = make(out, model, "publish", "HUB_ORG=me", "DRY_RUN=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for suffix in ("AWQ", "GPTQ", "GGUF"):
+        assert f"me/tiny-mixtral-{suffix} (main)" in result.stdout
+    assert "dry run: nothing uploaded" in result.stdout and ".mixq" not in result.stdout
+    refused = make(out, model, "publish")
+    assert refused.returncode != 0 and "make publish needs HUB_ORG=ORG" in refused.stderr
+    assert "mixq" not in refused.stdout
+
+
+def test_upload_sends_exactly_the_checked_files(release, cli, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+    out, _, _ = release
+    listed = cli("upload", out / "awq", "--repo-id", "me/tiny-AWQ", "--dry-run", "--json")
+    assert listed.exit_code == 0, listed.output
+    files = json.loads(listed.stdout)["files"]
+    assert {"README.md", "check.json", "config.json", "model.safetensors", "report.json"} <= set(files)
+    calls = []
+
+    class Api:
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id))
+
+        def create_branch(self, repo_id, branch, **kw):
+            calls.append(("create_branch", branch))
+
+        def upload_folder(self, repo_id, folder_path, revision, allow_patterns, **kw):
+            calls.append(("upload_folder", repo_id, revision, allow_patterns))
+            return type("Commit", (), {"commit_url": "https://huggingface.co/me/tiny-AWQ/commit/1"})()
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    sent = cli("upload", out / "awq", "--repo-id", "me/tiny-AWQ", "--revision", "g128", "--json")
+    assert sent.exit_code == 0, sent.output
+    assert calls == [("create_repo", "me/tiny-AWQ"), ("create_branch", "g128"),
+                     ("upload_folder", "me/tiny-AWQ", "g128", files)]
+    # unchecked, or checked before the weights were remade: refused in one line, nothing sent
+    copy = tmp_path / "awq"
+    shutil.copytree(out / "awq", copy)
+    (copy / "check.json").unlink()
+    for case, says in (("missing", "check.json: missing"), ("stale", "check.json: older than model.safetensors")):
+        if case == "stale":
+            shutil.copy(out / "awq/check.json", copy / "check.json")
+            os.utime(copy / "model.safetensors", ns=(time.time_ns() + 10**9,) * 2)
+        refused = cli("upload", copy, "--repo-id", "me/tiny-AWQ")
+        assert refused.exit_code == 1 and says in refused.stderr and refused.stderr.count("\n") == 1, refused.stderr
+    assert len(calls) == 3
 
 
 def test_no_local_path_in_the_release(release):
