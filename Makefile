@@ -181,8 +181,13 @@ $(REPOS:=/check.json): $(OUT)/%/check.json: $(OUT)/%/config.json $(STAMPS)/check
 $(REPOS:=/README.md): $(OUT)/%/README.md: $(OUT)/%/check.json $(STAMPS)/card
 	$(MIXQ) card $(OUT)/$* $(CARD_ARGS)
 
-$(GGUF_FILES): $(OUT)/gguf/$(NAME)-%.gguf: $(STAMPS)/gguf-%.convert | preflight
-	$(MIXQ) convert $(MODEL) $@ --to gguf --outtype $* $(call replace,$@)
+# every GGUF type that is missing or older than its stamp, written in one run (K-quants from one float
+# intermediate, which is the float output itself when OUTTYPES has one)
+STALE_GGUF = $(foreach t,$(OUTTYPES),$(if $(shell test $(OUT)/gguf/$(NAME)-$(t).gguf -nt $(STAMPS)/gguf-$(t).convert \
+	&& echo fresh),,$(t)))
+$(GGUF_FILES) &: $(OUTTYPES:%=$(STAMPS)/gguf-%.convert) | preflight
+	$(MIXQ) convert $(MODEL) $(OUT)/gguf/$(NAME)-{outtype}.gguf --to gguf $(foreach t,$(STALE_GGUF),--outtype $(t)) \
+		--force
 
 $(GGUF_FILES:.gguf=.check.json): %.check.json: %.gguf $(STAMPS)/check
 	$(MIXQ) check $< --reference $(MODEL) $(CHECK_ARGS) -o $@ --force

@@ -4,6 +4,7 @@ time)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -472,36 +473,56 @@ def _write_all(writer, ckpt: Checkpoint, spec: ModelSpec, plan: list[_Planned], 
             pbar.update(_nbytes(p.shape, p.type_name))
 
 
-def write_gguf_file(ckpt: Checkpoint, out: Path, outtype: str = "auto", split_max_size=None,
+OUTTYPE_FIELD = "{outtype}"
+
+
+def write_gguf_file(ckpt: Checkpoint, out: Path, outtype: str | list[str] = "auto", split_max_size=None,
                     force: bool = False) -> dict:
-    """`mixq convert ... --to gguf`: gguf-py's types directly, K-quants through llama.cpp's quantizer."""
+    """`mixq convert ... --to gguf`: gguf-py's types directly, K-quants through llama.cpp's quantizer. Several
+    outtypes are written in one run, `out` naming each with {outtype}: K-quants all quantized from one float
+    intermediate (for Mixtral a 93 GB write saved per extra K-quant), which is itself the f16/bf16/f32 output
+    when that is asked for too."""
     out = Path(out)
     if out.suffix != ".gguf":
         raise MixqError(f"{out}: a GGUF output path must end in .gguf")
     split = parse_size(split_max_size) if split_max_size else 0
-    outtype = outtype.lower()
-    if outtype == "auto":  # llama.cpp's guess: keep bf16 and f16, else f16
-        outtype = {torch.bfloat16: "bf16", torch.float32: "f16"}.get(ckpt.main_dtype(), "f16")
-    if outtype not in GGUF_PY_TYPES and outtype not in LLAMA_CPP_TYPES:
-        raise MixqError(f"unknown GGUF outtype {outtype!r} (choose from auto, "
-                        f"{', '.join(list(GGUF_PY_TYPES) + list(LLAMA_CPP_TYPES))})")
-    if outtype in LLAMA_CPP_TYPES and split:
+    requested = [outtype] if isinstance(outtype, str) else list(outtype)
+    if len(requested) > 1 and OUTTYPE_FIELD not in out.name:
+        raise MixqError(f"{out}: several --outtype need {OUTTYPE_FIELD} in the output name, e.g. "
+                        f"model-{OUTTYPE_FIELD}.gguf")
+    base = {torch.bfloat16: "bf16", torch.float32: "f32"}.get(ckpt.main_dtype(), "f16")
+    outtypes = []
+    for t in (t.lower() for t in requested):
+        if t == "auto":  # llama.cpp's guess: keep bf16 and f16, else f16
+            t = {torch.bfloat16: "bf16", torch.float32: "f16"}.get(ckpt.main_dtype(), "f16")
+        if t not in GGUF_PY_TYPES and t not in LLAMA_CPP_TYPES:
+            raise MixqError(f"unknown GGUF outtype {t!r} (choose from auto, "
+                            f"{', '.join(list(GGUF_PY_TYPES) + list(LLAMA_CPP_TYPES))})")
+        if t not in outtypes:
+            outtypes.append(t)
+    kquants = [t for t in outtypes if t in LLAMA_CPP_TYPES]
+    if kquants and split:
         raise MixqError("--split-max-size cannot be combined with K-quants (llama.cpp's quantizer writes one file); "
                         "split the result with llama.cpp's gguf-split")
-    refuse_existing([out], force)
-    quantizer = _llama_cpp_quantizer() if outtype in LLAMA_CPP_TYPES else None
-    with claim(out), scratch_beside(out) as stage:
-        if quantizer is None:
-            written = write_gguf(ckpt, stage / out.name, outtype, split)
-        else:  # a float GGUF first, then llama.cpp's quantizer
-            base = {torch.bfloat16: "bf16", torch.float32: "f32"}.get(ckpt.main_dtype(), "f16")
-            intermediate = write_gguf(ckpt, stage / f"intermediate-{base}.gguf", base)[0]
-            note(f"quantizing to {outtype.upper()} with llama.cpp")
-            quantizer(intermediate, stage / out.name, _file_type(LLAMA_CPP_TYPES[outtype]))
-            written = [stage / out.name]
-        finals = publish(written, out.parent, force)
+    targets = {t: out.with_name(out.name.replace(OUTTYPE_FIELD, t)) for t in outtypes}
+    refuse_existing(list(targets.values()), force)
+    quantizer = _llama_cpp_quantizer() if kquants else None
+    with contextlib.ExitStack() as claims:
+        for target in targets.values():
+            claims.enter_context(claim(target))
+        with scratch_beside(targets[outtypes[0]]) as stage:
+            written = {t: write_gguf(ckpt, stage / targets[t].name, t, split)
+                       for t in outtypes if t not in LLAMA_CPP_TYPES}
+            if kquants:  # a float GGUF first (the float output itself when there is one), then llama.cpp's quantizer
+                intermediate = written[base][0] if base in written else \
+                    write_gguf(ckpt, stage / f"intermediate-{base}.gguf", base)[0]
+                for t in kquants:
+                    note(f"quantizing to {t.upper()} with llama.cpp")
+                    quantizer(intermediate, stage / targets[t].name, _file_type(LLAMA_CPP_TYPES[t]))
+                    written[t] = [stage / targets[t].name]
+            finals = publish([f for t in outtypes for f in written[t]], out.parent, force)
     return {"tensors": len(ckpt.tensors), "bytes": sum(f.stat().st_size for f in finals), "shards": len(finals),
-            "files": [str(f) for f in finals], "outtype": outtype,
+            "files": [str(f) for f in finals], "outtype": outtypes[0] if isinstance(outtype, str) else outtypes,
             "tokenizer": ["gguf vocabulary"] if ckpt.vocab else []}
 
 

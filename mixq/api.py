@@ -27,14 +27,15 @@ METHOD_OPTIONS = {
 }
 
 
-def convert(src, out, *, to: str, layout: str = "auto", dtype: str = "auto", outtype: str = "auto",
+def convert(src, out, *, to: str, layout: str = "auto", dtype: str = "auto", outtype: str | list[str] = "auto",
             shard_size: str | int = "5GB", split_max_size: str | int | None = None, weights: str = "safetensors",
             force: bool = False) -> dict:
-    """`mixq convert SRC OUT --to {hf,torrent,gguf}`: a checkpoint in another layout, bit-exact at one dtype."""
+    """`mixq convert SRC OUT --to {hf,torrent,gguf}`: a checkpoint in another layout, bit-exact at one dtype.
+    GGUF: `outtype` may list several types, written in one run to `out` with {outtype} in its name."""
     from mixq.convert import convert_checkpoint
     from mixq.convert.hub import resolve_model
     return convert_checkpoint(resolve_model(src), out, to, dtype=dtype, shard_size=shard_size, force=force,
-                              weights_format=weights, outtype=outtype.lower(), split_max_size=split_max_size,
+                              weights_format=weights, outtype=outtype, split_max_size=split_max_size,
                               layout=layout)
 
 

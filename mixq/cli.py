@@ -41,8 +41,10 @@ def main():
               show_default=True, help="Source layout (detected by default).")
 @click.option("--dtype", type=click.Choice(["auto", *LABEL_DTYPES]), default="auto", show_default=True,
               help="Weights dtype for hf/torrent output; auto keeps the source's.")
-@click.option("--outtype", type=click.Choice(["auto", *GGUF_PY_TYPES, *LLAMA_CPP_TYPES], case_sensitive=False),
-              default="auto", show_default=True, help="GGUF tensor type (K-quants need the llama-cpp extra).")
+@click.option("--outtype", "outtypes", type=click.Choice(["auto", *GGUF_PY_TYPES, *LLAMA_CPP_TYPES],
+                                                          case_sensitive=False), multiple=True,
+              help="GGUF tensor type (default: auto; K-quants need the llama-cpp extra). Repeat it to write several "
+                   "types in one run from one float intermediate, OUT naming each with {outtype}.")
 @click.option("--shard-size", type=SIZE, default="5GB", show_default=True,
               help="Largest safetensors shard (hf output).")
 @click.option("--split-max-size", type=SIZE, default=None, help="Split GGUF output into files of at most this size.")
@@ -50,9 +52,10 @@ def main():
               show_default=True, help="Torrent output: consolidated.safetensors or consolidated.00.pth.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @command
-def convert_cmd(src, out, to, layout, dtype, outtype, shard_size, split_max_size, weights_format, force):
+def convert_cmd(src, out, to, layout, dtype, outtypes, shard_size, split_max_size, weights_format, force):
     """Convert checkpoint SRC into layout --to at OUT."""
     from mixq import api
+    outtype = [t.lower() for t in outtypes] if len(outtypes) > 1 else (outtypes[0].lower() if outtypes else "auto")
     result = api.convert(src, out, to=to, layout=layout, dtype=dtype, outtype=outtype, shard_size=shard_size,
                          split_max_size=split_max_size, weights=weights_format, force=force)
     return result, lambda r: table([

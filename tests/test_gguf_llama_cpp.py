@@ -64,3 +64,31 @@ def test_k_quants_through_llama_cpp(tmp_path, llama):
     assert np.isfinite(np.array(model.scores[:3])).all()
     back = open_checkpoint(tmp_path / "k.gguf")  # K-quants dequantize on the way back
     assert back.get("model.layers.0.block_sparse_moe.experts.0.w1.weight").isfinite().all()
+
+
+def test_several_outtypes_in_one_run_write_one_intermediate(tmp_path, monkeypatch, cli):
+    """Two K-quants and the float type they are made from: one float GGUF written, the f16 output itself, and
+    each K-quant equal to the one a run of its own makes."""
+    from mixq.convert import ggufio
+    tiny_torrent(tmp_path / "src", dim=256, hidden_dim=512)
+    convert_checkpoint(tmp_path / "src", tmp_path / "hf", "hf", dtype="f16")
+    writes = []
+    write = ggufio.write_gguf
+    monkeypatch.setattr(ggufio, "write_gguf", lambda ckpt, path, *a, **k: writes.append(path.name) or
+                        write(ckpt, path, *a, **k))
+    result = cli("convert", tmp_path / "hf", tmp_path / "m-{outtype}.gguf", "--to", "gguf", "--outtype", "q4_k_m",
+                 "--outtype", "q3_k_m", "--outtype", "f16", "--json")
+    assert result.exit_code == 0, result.output
+    assert writes == ["m-f16.gguf"]     # the K-quants' intermediate is the f16 output
+    writes.clear()
+    assert convert_checkpoint(tmp_path / "hf", tmp_path / "k-{outtype}.gguf", "gguf",
+                              outtype=["q4_k_m", "q3_k_m"])["outtype"] == ["q4_k_m", "q3_k_m"]
+    assert writes == ["intermediate-f16.gguf"]
+    convert_checkpoint(tmp_path / "hf", tmp_path / "alone.gguf", "gguf", outtype="q4_k_m")
+    assert (tmp_path / "m-q4_k_m.gguf").read_bytes() == (tmp_path / "alone.gguf").read_bytes()
+    assert (tmp_path / "k-q4_k_m.gguf").read_bytes() == (tmp_path / "alone.gguf").read_bytes()
+    assert sorted(p.name for p in tmp_path.glob("*.gguf")) == ["alone.gguf", "k-q3_k_m.gguf", "k-q4_k_m.gguf",
+                                                             "m-f16.gguf", "m-q3_k_m.gguf", "m-q4_k_m.gguf"]
+    refused = cli("convert", tmp_path / "hf", tmp_path / "x.gguf", "--to", "gguf", "--outtype", "q4_k_m",
+                  "--outtype", "f16")
+    assert refused.exit_code == 1 and "several --outtype need {outtype} in the output name" in refused.stderr
