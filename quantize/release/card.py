@@ -107,8 +107,8 @@ def quantized_card(repo: Path, publishing: Publishing = Publishing()) -> str:
     detail = fmt.describe(qc, settings)
     dataset = calibration_dataset(calib.get("source"))
     data = publishing.card_data(report.get("model"), report.get("source_card"), library="transformers",
-                                model_type=arch,
-                                prompt_template=template, tags=tags, datasets=[dataset] if dataset else [])
+                                model_type=arch, prompt_template=template, tags=tags,
+                                datasets=[dataset] if dataset else [])
     lines = [data.front_matter(), f"# {name} - {title}", "",
              f"{title} {qc.get('bits')}-bit quantization of `{base}`, made with mixq "
              f"({report.get('method', fmt.name)} on {report.get('device', '?')}).", "",
@@ -144,7 +144,8 @@ def _usage_quantized(fmt: str, arch: str, naming: str, runtimes: list[dict]) -> 
     classic = arch != "mixtral" or naming == "classic"
     if classic:
         lines += ["### vLLM", "",
-                  "vLLM reads the quantization config and picks its fastest kernel (Marlin, also for the MoE); "
+                  "vLLM reads the quantization config and picks its fastest kernels (on Hopper Machete or Marlin "
+                  "for the linears, Marlin for the MoE); "
                   "forcing `--quantization` makes it take the slower one.", "",
                   "```shell", "vllm serve REPO --dtype half", "```", "",
                   "### Text Generation Inference", "",
