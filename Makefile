@@ -162,7 +162,7 @@ replace = $(if $(wildcard $(1)),--force)
 $(STAMPS)/awq.quantize $(STAMPS)/gptq.quantize: export MIXQ_SETTINGS = $(basename $(notdir $@)) $(MODEL) $(QUANT_ARGS)
 $(OUTTYPES:%=$(STAMPS)/gguf-%.convert): export MIXQ_SETTINGS = $(MODEL) $(basename $(notdir $@))
 $(STAMPS)/check: export MIXQ_SETTINGS = $(MODEL) $(CHECK_ARGS)
-$(STAMPS)/card: export MIXQ_SETTINGS = $(CARD_ARGS)
+$(STAMPS)/card: export MIXQ_SETTINGS = $(CARD_ARGS) $(HUB_ORG) $(NAME)
 $(STAMP_FILES): FORCE | preflight
 	@mkdir -p $(@D) && { printf '%s\n' "$$MIXQ_SETTINGS" | cmp -s - $@ || printf '%s\n' "$$MIXQ_SETTINGS" > $@; }
 FORCE:
@@ -179,7 +179,7 @@ $(REPOS:=/check.json): $(OUT)/%/check.json: $(OUT)/%/config.json $(STAMPS)/check
 	$(MIXQ) check $(OUT)/$* --reference $(MODEL) $(CHECK_ARGS) -o $@ --force
 
 $(REPOS:=/README.md): $(OUT)/%/README.md: $(OUT)/%/check.json $(STAMPS)/card
-	$(MIXQ) card $(OUT)/$* $(CARD_ARGS)
+	$(MIXQ) card $(OUT)/$* $(CARD_ARGS) $(call related,$*)
 
 # every GGUF type that is missing or older than its stamp, written in one run (K-quants from one float
 # intermediate, which is the float output itself when OUTTYPES has one)
@@ -193,7 +193,7 @@ $(GGUF_FILES:.gguf=.check.json): %.check.json: %.gguf $(STAMPS)/check
 	$(MIXQ) check $< --reference $(MODEL) $(CHECK_ARGS) -o $@ --force
 
 $(OUT)/gguf/README.md: $(GGUF_FILES:.gguf=.check.json) $(STAMPS)/card
-	$(MIXQ) card $(OUT)/gguf $(CARD_ARGS)
+	$(MIXQ) card $(OUT)/gguf $(CARD_ARGS) $(call related,gguf)
 
 check: | $(INSTALL)
 	$(MIXQ) check $(MODEL) $(CHECK_ARGS) $(if $(REFERENCE),--reference $(REFERENCE))
@@ -203,17 +203,21 @@ release: $(OUT)/awq/README.md $(OUT)/gptq/README.md $(OUT)/gguf/README.md
 	@$(MIXQ) report $(OUT)
 
 # the release on the Hub: OUT/awq to HUB_ORG/NAME-AWQ, OUT/gptq to -GPTQ, OUT/gguf to -GGUF, each refused unless
-# checked (mixq upload); DRY_RUN=1 lists what would go. HUB_ORG is asked for before any step runs.
+# checked (mixq upload); DRY_RUN=1 lists what would go. HUB_ORG is asked for before any step runs; given, each
+# card links the release's other repositories.
 HUB_ORG ?=
 DRY_RUN ?=
+RELEASE = awq:AWQ gptq:GPTQ gguf:GGUF
+hub_repo = $(HUB_ORG)/$(NAME)-$(word 2,$(subst :, ,$(1)))
+related = $(if $(HUB_ORG),$(foreach r,$(RELEASE),$(if $(filter $(1):%,$(r)),,--related $(call hub_repo,$(r)))))
 ifneq ($(filter publish,$(MAKECMDGOALS)),)
 ifeq ($(HUB_ORG),)
 $(error make publish needs HUB_ORG=ORG, the Hub account or organisation to upload to)
 endif
 endif
 publish: release
-	$(foreach r,awq:AWQ gptq:GPTQ gguf:GGUF,$(MIXQ) upload $(OUT)/$(word 1,$(subst :, ,$(r))) \
-		--repo-id $(HUB_ORG)/$(NAME)-$(word 2,$(subst :, ,$(r))) $(if $(DRY_RUN),--dry-run) &&) true
+	$(foreach r,$(RELEASE),$(MIXQ) upload $(OUT)/$(word 1,$(subst :, ,$(r))) --repo-id $(call hub_repo,$(r)) \
+		$(if $(DRY_RUN),--dry-run) &&) true
 
 # the built-in default, sized for a CPU: SmolLM2 (hidden 576, so group 64), KJV calibration, Shakespeare evaluation
 demo: $(INSTALL)

@@ -44,7 +44,7 @@ def published(record):
 
 def source_card(model: str | Path | None) -> dict:
     """License, languages and the model it was made from (its base_model), from the front matter of a local
-    model folder's README.md; {} without one."""
+    model folder's README.md, and the card's text ("text", for the cards made from it); {} without one."""
     readme = Path(model) / "README.md" if model else None
     if readme is None or not readme.is_file():
         return {}
@@ -53,4 +53,7 @@ def source_card(model: str | Path | None) -> dict:
         data = ModelCard.load(readme).data.to_dict()
     except Exception as e:  # a malformed card is the source's problem; say which file
         raise MixqError(f"{readme}: unreadable model card front matter ({e})") from None
-    return {k: data[k] for k in CARD_FIELDS if data.get(k)}
+    fields = {k: data[k] for k in CARD_FIELDS if data.get(k)}
+    text = readme.read_text(errors="replace")
+    body = text.split("---\n", 2)[2] if text.startswith("---\n") and text.count("---\n") >= 2 else text
+    return fields | ({"text": body.strip()} if body.strip() else {})

@@ -371,13 +371,16 @@ def quantize_awq(model, out, zero_point, packing, grid, no_clip, duo_scaling, no
               help="License id (default: the source model's card's, else none).")
 @click.option("--language", multiple=True, help="A language the model speaks (repeatable; default: the source's).")
 @click.option("--quantized-by", default=None, help="Who made the quantization (the card's quantized_by).")
+@click.option("--related", multiple=True, metavar="ORG/NAME",
+              help="Another repository of the same release, linked from the card (repeatable).")
 @command
-def card_cmd(repo, base_model, license_id, language, quantized_by):
+def card_cmd(repo, base_model, license_id, language, quantized_by, related):
     """Write REPO/README.md (a model card) from the repository's config, report and check results. REPO is an
     AWQ or GPTQ repository, or a folder of GGUF files. The front matter follows the Hub's model card conventions;
     what no flag gives is taken from the source model's own README.md where it has one."""
     from mixq.quantize.release.card import Publishing, write_card
-    path = write_card(repo, Publishing(base_model, license_id, tuple(language) or None, quantized_by))
+    path = write_card(repo, Publishing(base_model, license_id, tuple(language) or None, quantized_by,
+                                       tuple(related)))
     return {"card": str(path)}, lambda r: f"wrote {r['card']}"
 
 

@@ -26,7 +26,7 @@ def make_args(out: Path, model: Path, *extra: str) -> list[str]:
     return ["make", "-C", str(ROOT), "--no-print-directory", "release", f"MODEL={model}", f"OUT={out}",
             f"MIXQ={sys.executable} -m mixq", "INSTALL=", "GROUP=128", "SAMPLES=4", "SEQLEN=32", "EVAL_SEQLEN=64",
             "EVAL_TOKENS=256", "MAX_NEW=4", "OUTTYPES=f16 q8_0", "NAME=tiny-mixtral", f"BASE_MODEL={BASE}",
-            "QUANTIZED_BY=mixq tests", *extra]
+            "QUANTIZED_BY=mixq tests", "HUB_ORG=me", *extra]
 
 
 BASE = "test-org/tiny-mixtral"
@@ -97,6 +97,16 @@ def test_front_matter_parses(release):
     assert yaml.safe_load(text.split("---\n")[1]) == read_front_matter(out / "awq/README.md")
 
 
+def test_cards_link_the_release_and_carry_the_original_card(release):
+    out, _, _ = release
+    for card, others in (("awq", ("GPTQ", "GGUF")), ("gptq", ("AWQ", "GGUF")), ("gguf", ("AWQ", "GPTQ"))):
+        text = (out / card / "README.md").read_text()
+        links = [f"- [me/tiny-mixtral-{o}](https://huggingface.co/me/tiny-mixtral-{o})" for o in others]
+        assert "## Other formats\n\n" + "\n".join(links) + "\n" in text
+        assert f"me/tiny-mixtral-{card.upper()})" not in text
+        assert text.rstrip().endswith("## Original model card\n\n## tiny")  # its heading one level down
+
+
 def test_make_publish_dry_run_lists_each_checked_artifact(release):
     out, model, _ = release
     result = make(out, model, "publish", "HUB_ORG=me", "DRY_RUN=1")
@@ -104,7 +114,7 @@ def test_make_publish_dry_run_lists_each_checked_artifact(release):
     for suffix in ("AWQ", "GPTQ", "GGUF"):
         assert f"me/tiny-mixtral-{suffix} (main)" in result.stdout
     assert "dry run: nothing uploaded" in result.stdout and ".mixq" not in result.stdout
-    refused = make(out, model, "publish")
+    refused = make(out, model, "publish", "HUB_ORG=")
     assert refused.returncode != 0 and "make publish needs HUB_ORG=ORG" in refused.stderr
     assert "mixq" not in refused.stdout
 

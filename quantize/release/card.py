@@ -45,11 +45,27 @@ class Publishing:
     license: str | None = None
     language: tuple[str, ...] | None = None
     quantized_by: str | None = None
+    related: tuple[str, ...] = ()     # the other repositories of the release (Hub ids)
 
     def card_data(self, source: str | None, source_card: dict | None, **fields) -> CardData:
         return CardData(base_model=self.base_model or source, source=source_card or {}, license=self.license,
                         language=list(self.language) if self.language else None, quantized_by=self.quantized_by,
                         **fields)
+
+
+def _related(related: tuple[str, ...]) -> list[str]:
+    if not related:
+        return []
+    return ["## Other formats", "", *(f"- [{r}](https://huggingface.co/{r})" for r in related), ""]
+
+
+def _original(card: dict | None) -> list[str]:
+    """The source's own card under a heading of its own, its headings one level down."""
+    text = (card or {}).get("text")
+    if not text:
+        return []
+    body = [("#" + line) if line.startswith("#") else line for line in text.splitlines()]
+    return ["## Original model card", "", *body, ""]
 
 
 def _generations(generations: list[dict]) -> list[str]:
@@ -121,7 +137,9 @@ def quantized_card(repo: Path, publishing: Publishing = Publishing()) -> str:
              f"| {calib.get('tokens', '-')} | {calib.get('seqlen', '-')} | {human_bytes(artifact_bytes(repo))} |", ""]
     lines += _check_section(check)
     lines += _usage_quantized(fmt.name, arch, naming, report.get("runtimes") or [])
+    lines += _related(publishing.related)
     lines += _details(report)
+    lines += _original(report.get("source_card"))
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -238,6 +256,8 @@ def gguf_card(folder: Path, publishing: Publishing = Publishing()) -> str:
               f"llm = Llama(\"{files[0].name}\", n_ctx=4096)",
               "print(llm.create_chat_completion([{\"role\": \"user\", \"content\": \"Hello\"}]))", "```", "",
               "### Back to PyTorch", "", "```shell", f"mixq convert {files[0].name} OUT --to hf", "```", ""]
+    lines += _related(publishing.related)
+    lines += _original(reference_card)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -248,6 +268,9 @@ def write_card(path: str | Path, publishing: Publishing = Publishing()) -> Path:
     if publishing.base_model and not hub_id(publishing.base_model):
         raise MixqError(f"--base-model {publishing.base_model}: not a Hub id (ORG/NAME); the card's base_model names "
                         f"the original on the Hub")
+    for related in publishing.related:
+        if not hub_id(related):
+            raise MixqError(f"--related {related}: not a Hub id (ORG/NAME)")
     text = gguf_card(path, publishing) if any(path.glob("*.gguf")) else quantized_card(path, publishing)
     return write_file(path / CARD, text)
 
