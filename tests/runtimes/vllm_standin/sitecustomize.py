@@ -8,7 +8,9 @@ parameters, loading the checkpoint's names into them); each stand-in only lets a
   its bundled flash-attention, which refuses to import without its CUDA build;
 - two compiled-op capability queries `vllm._custom_ops` answers at import time (`cutlass_scaled_mm_supports_fp8`
   and `..._block_fp8`): FP8 only, answered False, which no int4 choice reads.
-The GPU itself is stood in for by an out-of-tree platform plugin (mixq_vllm_standin), vLLM's own mechanism.
+The GPU itself is stood in for by an out-of-tree platform plugin (mixq_vllm_standin), vLLM's own mechanism; the
+judge (judge_vllm.py) adds the last two: the compiled ops some layers bind when they are built, and the host as the
+process groups' device.
 """
 
 import importlib.abc
