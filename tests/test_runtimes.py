@@ -24,10 +24,9 @@ from mixq.calibration import load_tokenizer, prepare
 from mixq.calibration.fixtures import smollm2_hf
 from mixq.convert import open_checkpoint
 from mixq.quantize import Scheme, Settings, quantize_model
-from mixq.quantize.check.generate import DEFAULT_PROMPTS, LoadedModel, prompt_ids
+from mixq.quantize.check.generate import DEFAULT_PROMPTS, LoadedModel, generate, prompt_ids
 from mixq.quantize.check.repository import read_quantized
 from mixq.quantize.formats import FORMATS
-from mixq.quantize.forward import KVCache, Rotary
 from mixq.quantize.runtimes import verdicts
 from tests.runtimes import PINS, folder, installed, run_judge
 from tests.test_quantize_engine import CONSUMER_BOUND, forward_logits, tiny_hf
@@ -94,19 +93,10 @@ def moe(tmp_path_factory, smol):
 
 # ---- AutoAWQ ---------------------------------------------------------------------------------------------------
 
-def mixq_greedy_fp16(repo: Path, tokens: list[int], max_new: int) -> list[int]:
-    """The greedy continuation of `tokens` by `mixq check --dtype f16`'s generation path (KV cache, fp16)."""
-    ckpt = read_quantized(repo, torch.float16)
-    context = len(tokens) + max_new + 1
-    model = LoadedModel(ckpt, torch.device("cpu"), torch.float16, context=context)
-    rope, cache = Rotary.build(ckpt.spec, context, "cpu", torch.float16), KVCache(ckpt.spec.num_layers)
-    eos = load_tokenizer(repo).eos_token_id
-    with torch.no_grad():
-        new, last = [], model.step(torch.tensor([tokens]), cache, rope)
-        while len(new) < max_new and int(last.argmax()) != eos:
-            new.append(int(last.argmax()))
-            last = model.step(torch.tensor([[new[-1]]]), cache, rope)
-    return new
+def mixq_greedy_fp16(repo: Path, max_new: int) -> list[int]:
+    """The greedy continuation of the first default prompt by `mixq check --dtype f16`'s own generation."""
+    model = LoadedModel(read_quantized(repo, torch.float16), torch.device("cpu"), torch.float16)
+    return generate(model, load_tokenizer(repo), DEFAULT_PROMPTS[:1], max_new)[0]["tokens"]
 
 
 def judge_autoawq(repo: Path) -> tuple[dict, list[str]]:
@@ -143,7 +133,7 @@ def test_autoawq_loads_and_runs_mixqs_awq(made, smol, moe, tiny, which):
         assert sum(name.endswith("block_sparse_moe.gate") for name in result["linears"]) == \
             open_checkpoint(model).spec.num_layers
     logits = forward_logits(read_quantized(repo, torch.float16), result["tokens"], torch.float16)
-    tokens = mixq_greedy_fp16(repo, result["tokens"], NEW_TOKENS)
+    tokens = mixq_greedy_fp16(repo, NEW_TOKENS)
     theirs = torch.tensor(result["logits"])
     assert (theirs - logits).abs().max() <= CONSUMER_BOUND * logits.abs().max(), \
         float((theirs - logits).abs().max() / logits.abs().max())
