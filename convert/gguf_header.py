@@ -50,11 +50,15 @@ class _Cursor:
         return bytes(self.data[start:start + n])
 
 
-def check_header(path: Path, tensor_types: dict[int, tuple[int, int]]) -> None:
+def check_header(path: Path, tensor_types: dict[int, tuple[int, int]] | None = None) -> None:
     """Refuse, in one line, any GGUF whose header would make a reader read or allocate past the file.
 
-    `tensor_types` maps each known ggml type id to its (block size, bytes per block).
+    `tensor_types` maps each known ggml type id to its (block size, bytes per block); by default gguf-py's.
     """
+    if tensor_types is None:
+        import gguf
+        tensor_types = {t.value: gguf.GGML_QUANT_SIZES[t] for t in gguf.GGMLQuantizationType
+                        if t in gguf.GGML_QUANT_SIZES}
     with open(path, "rb") as f:
         if f.seek(0, 2) == 0:
             raise MixqError(f"{path}: empty file, not a GGUF")

@@ -26,6 +26,19 @@ def _ppl(logit_rows, windows):
     return math.exp(nll / count)
 
 
+def llama_ppl(path, windows):
+    """Perplexity from llama.cpp's own logits of the GGUF at `path`, window by window."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), n_ctx=WINDOW, logits_all=True, verbose=False, n_threads=2)
+    rows = []
+    for window in windows:
+        llm.reset()
+        llm.eval(window)
+        rows.append(np.array(llm.scores[:len(window)]))
+    llm.close()
+    return _ppl(rows, windows)
+
+
 def _hf_ppl(model, windows):
     with torch.no_grad():
         return _ppl([model(torch.tensor([w])).logits[0] for w in windows], windows)
@@ -62,12 +75,4 @@ def test_perplexity_equals_the_ggufs(models):
     ppl = _hf_ppl(ours, windows)
     assert ppl == pytest.approx(_hf_ppl(reference, windows), rel=1e-6)
     assert 10 < ppl < 100  # a real model on real text (Hamlet: 38 at 1024-token windows)
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(str(smollm2_gguf()), n_ctx=WINDOW, logits_all=True, verbose=False, n_threads=2)
-    rows = []
-    for window in windows:
-        llm.reset()
-        llm.eval(window)
-        rows.append(np.array(llm.scores[:len(window)]))
-    llm.close()
-    assert _ppl(rows, windows) == pytest.approx(ppl, rel=0.02)  # llama.cpp's Q4_1 x Q8_1 kernels round a little
+    assert llama_ppl(smollm2_gguf(), windows) == pytest.approx(ppl, rel=0.02)  # its Q4_1 x Q8_1 kernels round a little
