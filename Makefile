@@ -34,6 +34,9 @@ EVAL_SEQLEN ?= 2048
 EVAL_TOKENS ?=
 MAX_NEW ?= 128
 OUTTYPES ?= q8_0 q4_k_m
+# llama.cpp's importance matrix for the K-quants and i-quants: auto (computed from CALIB, SAMPLES and SEQLEN), a
+# file (mixq imatrix, llama-imatrix), or empty for none (the i-quants iq1_*, iq2_* and iq3_xxs need one)
+IMATRIX ?=
 QUANT_FLAGS ?=
 CHECK_FLAGS ?=
 DEVICE_MEMORY ?=
@@ -52,7 +55,10 @@ CHECK_ARGS = --eval $(EVAL) --seqlen $(EVAL_SEQLEN) --max-new-tokens $(MAX_NEW) 
 	$(if $(EVAL_TOKENS),--max-tokens $(EVAL_TOKENS)) $(if $(DEVICE_MEMORY),--device-memory $(DEVICE_MEMORY)) \
 	$(CHECK_FLAGS)
 GGUF_FILES = $(foreach t,$(OUTTYPES),$(OUT)/gguf/$(NAME)-$(t).gguf)
-K_QUANTS = $(filter q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k,$(OUTTYPES))
+# the types llama.cpp's quantizer makes: all but those gguf-py writes itself (ggufio.GGUF_PY_TYPES)
+K_QUANTS = $(filter-out f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1,$(OUTTYPES))
+IMATRIX_ARGS = $(if $(IMATRIX),--imatrix $(IMATRIX) $(if $(filter auto,$(IMATRIX)),--calib $(CALIB) \
+	--samples $(SAMPLES) --seqlen $(SEQLEN)))
 # what the goals on the command line will make: preflight checks their needs before the first step
 GOAL_METHODS = $(if $(filter release,$(MAKECMDGOALS)),awq gptq,$(filter awq gptq,$(MAKECMDGOALS)))
 GOAL_OUTTYPES = $(if $(filter release gguf,$(MAKECMDGOALS)),$(OUTTYPES))
@@ -160,7 +166,11 @@ replace = $(if $(wildcard $(1)),--force)
 
 # the settings travel in the environment, so quotes or commas in them (a --prompt) need no escaping
 $(STAMPS)/awq.quantize $(STAMPS)/gptq.quantize: export MIXQ_SETTINGS = $(basename $(notdir $@)) $(MODEL) $(QUANT_ARGS)
-$(OUTTYPES:%=$(STAMPS)/gguf-%.convert): export MIXQ_SETTINGS = $(MODEL) $(basename $(notdir $@))
+# a K-quant's settings include the importance matrix (a file's by its contents), a float type's do not
+gguf_type = $(patsubst gguf-%.convert,%,$(notdir $(1)))
+$(OUTTYPES:%=$(STAMPS)/gguf-%.convert): export MIXQ_SETTINGS = $(MODEL) $(basename $(notdir $@)) \
+	$(if $(filter $(call gguf_type,$@),$(K_QUANTS)),$(IMATRIX_ARGS) $(if $(wildcard $(IMATRIX)),\
+	$(shell sha256sum $(IMATRIX) | cut -c1-16)))
 $(STAMPS)/check: export MIXQ_SETTINGS = $(MODEL) $(CHECK_ARGS)
 $(STAMPS)/card: export MIXQ_SETTINGS = $(CARD_ARGS) $(HUB_ORG) $(NAME)
 $(STAMP_FILES): FORCE | preflight
@@ -170,7 +180,7 @@ FORCE:
 preflight: | $(PIPELINE_ENV)
 	$(MIXQ) preflight $(MODEL) $(OUT) $(foreach m,$(GOAL_METHODS),--method $(m)) \
 		$(foreach t,$(GOAL_OUTTYPES),--outtype $(t)) --calib $(CALIB) --eval $(EVAL) --bits $(BITS) \
-		--group-size $(GROUP) --name $(NAME)
+		--group-size $(GROUP) --name $(NAME) $(if $(and $(IMATRIX),$(K_QUANTS)),--imatrix $(IMATRIX))
 
 $(REPOS:=/config.json): $(OUT)/%/config.json: $(STAMPS)/%.quantize | preflight
 	$(MIXQ) quantize $* $(MODEL) $(OUT)/$* $(QUANT_ARGS) $(call replace,$@)
@@ -182,12 +192,13 @@ $(REPOS:=/README.md): $(OUT)/%/README.md: $(OUT)/%/check.json $(STAMPS)/card
 	$(MIXQ) card $(OUT)/$* $(CARD_ARGS) $(call related,$*)
 
 # every GGUF type that is missing or older than its stamp, written in one run (K-quants from one float
-# intermediate, which is the float output itself when OUTTYPES has one)
-STALE_GGUF = $(foreach t,$(OUTTYPES),$(if $(shell test $(OUT)/gguf/$(NAME)-$(t).gguf -nt $(STAMPS)/gguf-$(t).convert \
-	&& echo fresh),,$(t)))
+# intermediate, which is the float output itself when OUTTYPES has one). make runs this group whenever one file is
+# older than another's stamp (a type added later); when every file is as new as its own stamp there is nothing to do
+STALE_GGUF = $(strip $(foreach t,$(OUTTYPES),$(if $(shell test $(OUT)/gguf/$(NAME)-$(t).gguf -nt \
+	$(STAMPS)/gguf-$(t).convert && echo fresh),,$(t))))
 $(GGUF_FILES) &: $(OUTTYPES:%=$(STAMPS)/gguf-%.convert) | preflight
-	$(MIXQ) convert $(MODEL) $(OUT)/gguf/$(NAME)-{outtype}.gguf --to gguf $(foreach t,$(STALE_GGUF),--outtype $(t)) \
-		--force
+	$(if $(STALE_GGUF),$(MIXQ) convert $(MODEL) $(OUT)/gguf/$(NAME)-{outtype}.gguf --to gguf \
+		$(foreach t,$(STALE_GGUF),--outtype $(t)) $(if $(filter $(K_QUANTS),$(STALE_GGUF)),$(IMATRIX_ARGS)) --force)
 
 $(GGUF_FILES:.gguf=.check.json): %.check.json: %.gguf $(STAMPS)/check
 	$(MIXQ) check $< --reference $(MODEL) $(CHECK_ARGS) -o $@ --force

@@ -49,17 +49,21 @@ def open_checkpoint(path: str | Path, layout: str = "auto") -> Checkpoint:
 def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: str = "auto",
                        shard_size: str | int = "5GB", force: bool = False, weights_format: str = "safetensors",
                        outtype: str = "auto", split_max_size: str | int | None = None,
-                       layout: str = "auto") -> dict:
-    """Convert `src` into layout `to` at `out`; returns a summary. Nothing appears at `out` on failure."""
+                       layout: str = "auto", imatrix=None, imatrix_name: str = "auto") -> dict:
+    """Convert `src` into layout `to` at `out`; returns a summary. Nothing appears at `out` on failure.
+    `imatrix` (GGUF K-quants and i-quants): an Imatrix, or a function making one once the output is known free."""
     src, out = Path(src), Path(out)
     if to not in LAYOUTS:
         raise MixqError(f"unknown target layout {to!r} (choose from {', '.join(LAYOUTS)})")
     refuse_overlap([src], out)
     started = time.perf_counter()
     ckpt = open_checkpoint(src, layout)
+    if imatrix is not None and to != "gguf":
+        raise MixqError("--imatrix is for GGUF output (--to gguf)")
     if to == "gguf":
         from .ggufio import write_gguf_file
-        summary = write_gguf_file(ckpt, out, outtype=outtype, split_max_size=split_max_size, force=force)
+        summary = write_gguf_file(ckpt, out, outtype=outtype, split_max_size=split_max_size, force=force,
+                                  imatrix=imatrix, imatrix_name=imatrix_name)
     else:
         torch_dtype = resolve_dtype(dtype)
         max_shard = parse_size(shard_size)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,8 @@ from .checkpoint import Checkpoint, TensorRef, checked_tensors
 from .errors import MixqError
 from .gguf_header import check_header
 from .hf import parse_size
+from .imatrix import Imatrix
+from .llama_quantize import LLAMA_CPP_TYPES, Quantizer, refuse_without_imatrix
 from .names import (
     DENSE_MLP_TENSORS,
     EXPERT_TENSORS,
@@ -31,7 +33,7 @@ from .names import (
 )
 from .output import claim, publish, refuse_existing, scratch_beside
 from .pages import drop_file_pages
-from .progress import bar, is_quiet, note
+from .progress import bar, note
 from .provenance import source_card
 from .rope import half_to_interleaved, interleaved_to_half
 from .spec import ModelSpec, integer, number, per_head
@@ -47,10 +49,7 @@ FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
 GGUF_PY_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
                  "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
                  "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1")}
-# K-quants, made by llama.cpp's own quantizer (llama_model_quantize): --outtype -> LlamaFileType (llama.h's ids)
-LLAMA_CPP_TYPES = {"q2_k": "MOSTLY_Q2_K", "q3_k_s": "MOSTLY_Q3_K_S", "q3_k_m": "MOSTLY_Q3_K_M",
-                   "q3_k_l": "MOSTLY_Q3_K_L", "q4_k_s": "MOSTLY_Q4_K_S", "q4_k_m": "MOSTLY_Q4_K_M",
-                   "q5_k_s": "MOSTLY_Q5_K_S", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
+# the K-quants and i-quants, made by llama.cpp's own quantizer: llama_quantize.LLAMA_CPP_TYPES
 
 
 def _gguf():
@@ -97,8 +96,7 @@ class _File:
     def __init__(self, path: Path):
         gguf = _gguf()
         self.path = path
-        check_header(path, {t.value: gguf.GGML_QUANT_SIZES[t] for t in gguf.GGMLQuantizationType
-                            if t in gguf.GGML_QUANT_SIZES})
+        check_header(path)
         try:  # the header was walked above; what gguf-py still refuses is refused in one line too
             self.reader = gguf.GGUFReader(path, mode="c")
         except (ValueError, IndexError, OverflowError, KeyError) as exc:
@@ -477,11 +475,14 @@ OUTTYPE_FIELD = "{outtype}"
 
 
 def write_gguf_file(ckpt: Checkpoint, out: Path, outtype: str | list[str] = "auto", split_max_size=None,
-                    force: bool = False) -> dict:
-    """`mixq convert ... --to gguf`: gguf-py's types directly, K-quants through llama.cpp's quantizer. Several
-    outtypes are written in one run, `out` naming each with {outtype}: K-quants all quantized from one float
-    intermediate (for Mixtral a 93 GB write saved per extra K-quant), which is itself the f16/bf16/f32 output
-    when that is asked for too."""
+                    force: bool = False, imatrix: Imatrix | Callable[[], Imatrix] | None = None,
+                    imatrix_name: str = "auto") -> dict:
+    """`mixq convert ... --to gguf`: gguf-py's types directly, K-quants and i-quants through llama.cpp's quantizer
+    (with `imatrix`, llama.cpp's importance matrix, when given, or a function making it, called once the outputs
+    are known free; `imatrix_name` is what the files record of it).
+    Several outtypes are written in one run, `out` naming each with {outtype}: the quantizer's types all made from
+    one float intermediate (for Mixtral a 93 GB write saved per extra type), which is itself the f16/bf16/f32
+    output when that is asked for too."""
     out = Path(out)
     if out.suffix != ".gguf":
         raise MixqError(f"{out}: a GGUF output path must end in .gguf")
@@ -501,15 +502,25 @@ def write_gguf_file(ckpt: Checkpoint, out: Path, outtype: str | list[str] = "aut
         if t not in outtypes:
             outtypes.append(t)
     kquants = [t for t in outtypes if t in LLAMA_CPP_TYPES]
+    if imatrix is not None and not kquants:
+        raise MixqError(f"--imatrix is used only by llama.cpp's quantizer: add a K-quant or i-quant --outtype "
+                        f"({', '.join(list(LLAMA_CPP_TYPES)[:4])}, ...)")
+    refuse_without_imatrix(kquants, imatrix)
     if kquants and split:
         raise MixqError("--split-max-size cannot be combined with K-quants (llama.cpp's quantizer writes one file); "
                         "split the result with llama.cpp's gguf-split")
     targets = {t: out.with_name(out.name.replace(OUTTYPE_FIELD, t)) for t in outtypes}
     refuse_existing(list(targets.values()), force)
-    quantizer = _llama_cpp_quantizer() if kquants else None
     with contextlib.ExitStack() as claims:
         for target in targets.values():
             claims.enter_context(claim(target))
+        if callable(imatrix):
+            imatrix = imatrix()
+        if imatrix is not None:
+            imatrix.check_shapes({p.name: tuple(reversed(p.shape)) for p in
+                                  plan_tensors(ckpt.spec, list(ckpt.tensors), GGUF_PY_TYPES[base][0])},
+                                 f"importance matrix {imatrix_name}")
+        quantizer = Quantizer(imatrix, imatrix_name) if kquants else None
         with scratch_beside(targets[outtypes[0]]) as stage:
             written = {t: write_gguf(ckpt, stage / targets[t].name, t, split)
                        for t in outtypes if t not in LLAMA_CPP_TYPES}
@@ -517,38 +528,13 @@ def write_gguf_file(ckpt: Checkpoint, out: Path, outtype: str | list[str] = "aut
                 intermediate = written[base][0] if base in written else \
                     write_gguf(ckpt, stage / f"intermediate-{base}.gguf", base)[0]
                 for t in kquants:
-                    note(f"quantizing to {t.upper()} with llama.cpp")
-                    quantizer(intermediate, stage / targets[t].name, _file_type(LLAMA_CPP_TYPES[t]))
+                    note(f"quantizing to {t.upper()} with llama.cpp"
+                         + (f", importance matrix {imatrix_name}" if imatrix else ""))
+                    quantizer(intermediate, stage / targets[t].name, t)
                     written[t] = [stage / targets[t].name]
             finals = publish([f for t in outtypes for f in written[t]], out.parent, force)
     return {"tensors": len(ckpt.tensors), "bytes": sum(f.stat().st_size for f in finals), "shards": len(finals),
             "files": [str(f) for f in finals], "outtype": outtypes[0] if isinstance(outtype, str) else outtypes,
-            "tokenizer": ["gguf vocabulary"] if ckpt.vocab else []}
-
-
-def _silent(level, text, user_data):
-    return None
-
-
-_SILENT_LOG = None  # llama.cpp's log callback must outlive the call that installs it
-
-
-def _llama_cpp_quantizer():
-    global _SILENT_LOG
-    try:
-        import llama_cpp
-    except ImportError:
-        raise MixqError("K-quants need llama.cpp's quantizer: pip install 'mixq[llama-cpp]' "
-                        "(the llama-cpp extra, llama-cpp-python)") from None
-    _SILENT_LOG = llama_cpp.llama_log_callback(_silent)
-
-    def quantize(src: Path, dst: Path, ftype: int) -> None:
-        if is_quiet():
-            llama_cpp.llama_log_set(_SILENT_LOG, None)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.nthread = os.cpu_count() or 1
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-        if rc != 0:
-            raise MixqError(f"llama.cpp's quantizer failed on {src.name} (code {rc})")
-    return quantize
+            "tokenizer": ["gguf vocabulary"] if ckpt.vocab else [],
+            "imatrix": None if imatrix is None else {"name": imatrix_name, "entries": len(imatrix.entries),
+                                                     "datasets": imatrix.datasets, "chunks": imatrix.chunk_count}}

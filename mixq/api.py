@@ -27,16 +27,74 @@ METHOD_OPTIONS = {
 }
 
 
+# the calibration options shared by quantize, imatrix and convert's --imatrix auto, with their defaults
+CALIBRATION = {"calib": "kjv", "samples": 128, "seqlen": 512, "seed": 0, "mode": "concat", "split": None,
+               "field": None, "allow_fewer": False}
+
+
 def convert(src, out, *, to: str, layout: str = "auto", dtype: str = "auto", outtype: str | list[str] = "auto",
             shard_size: str | int = "5GB", split_max_size: str | int | None = None, weights: str = "safetensors",
-            force: bool = False) -> dict:
+            force: bool = False, imatrix=None, device: str = "auto", compute_dtype: str = "auto",
+            **calibration) -> dict:
     """`mixq convert SRC OUT --to {hf,torrent,gguf}`: a checkpoint in another layout, bit-exact at one dtype.
-    GGUF: `outtype` may list several types, written in one run to `out` with {outtype} in its name."""
+    GGUF: `outtype` may list several types, written in one run to `out` with {outtype} in its name; `imatrix`
+    (K-quants and i-quants) is llama.cpp's importance matrix file, or "auto" to compute one from `calibration`
+    (CALIBRATION's options, as quantize takes them) on `device`."""
     from mixq.convert import convert_checkpoint
+    from mixq.convert.errors import MixqError
     from mixq.convert.hub import resolve_model
-    return convert_checkpoint(resolve_model(src), out, to, dtype=dtype, shard_size=shard_size, force=force,
+    from mixq.convert.imatrix import read_imatrix
+    unknown = set(calibration) - set(CALIBRATION)
+    if unknown:
+        raise MixqError(f"convert has no option {sorted(unknown)[0]!r}")
+    if calibration and imatrix != "auto":
+        raise MixqError(f"{', '.join(sorted(calibration))}: calibration options are used only with --imatrix auto")
+    src = resolve_model(src)
+    matrix, name = None, None
+    if imatrix == "auto":
+        from mixq.quantize.imatrix import compute_imatrix
+        options = CALIBRATION | calibration
+        # computed once the outputs are known to be free and the outtypes to use it, not before
+        matrix = lambda: compute_imatrix(src, _blocks(src, options), device=device, dtype=compute_dtype)  # noqa: E731
+        name = f"auto ({options['calib']}, {options['samples']} x {options['seqlen']} tokens)"
+    elif imatrix is not None:
+        matrix, name = read_imatrix(imatrix), Path(imatrix).name
+    return convert_checkpoint(src, out, to, dtype=dtype, shard_size=shard_size, force=force,
                               weights_format=weights, outtype=outtype, split_max_size=split_max_size,
-                              layout=layout)
+                              layout=layout, imatrix=matrix, imatrix_name=name)
+
+
+def imatrix(model, output, *, device: str = "auto", compute_dtype: str = "auto", batch: int = 8,
+            force: bool = False, **calibration) -> dict:
+    """`mixq imatrix MODEL OUTPUT`: llama.cpp's importance matrix of `model` on calibration text, written as the
+    GGUF file llama.cpp's imatrix tool writes (for `mixq convert --imatrix FILE` or llama-quantize --imatrix)."""
+    from mixq.convert.errors import MixqError
+    from mixq.convert.hub import resolve_model
+    from mixq.convert.output import claim, refuse_existing, staged_file
+    from mixq.quantize.imatrix import compute_imatrix
+    unknown = set(calibration) - set(CALIBRATION)
+    if unknown:
+        raise MixqError(f"imatrix has no option {sorted(unknown)[0]!r}")
+    output = Path(output)
+    if output.suffix != ".gguf":
+        raise MixqError(f"{output}: an importance matrix is written as GGUF: the path must end in .gguf")
+    refuse_existing([output], force)
+    model = resolve_model(model)
+    blocks = _blocks(model, CALIBRATION | calibration)
+    with claim(output):
+        matrix = compute_imatrix(model, blocks, device=device, dtype=compute_dtype, batch=batch)
+        refuse_existing([output], force)
+        with staged_file(output) as tmp:
+            matrix.write(tmp)
+    return {"output": str(output), "entries": len(matrix.entries), "datasets": matrix.datasets,
+            "chunks": matrix.chunk_count, "chunk_size": matrix.chunk_size, "calibration": blocks.provenance}
+
+
+def _blocks(model, options: dict):
+    from mixq.calibration import prepare
+    return prepare(model, options["calib"], samples=options["samples"], seqlen=options["seqlen"],
+                   seed=options["seed"], mode=options["mode"], split=options["split"], text_field=options["field"],
+                   allow_fewer=options["allow_fewer"])
 
 
 def prepare_calibration(model, calib: str = "kjv", *, output=None, samples: int = 128, seqlen: int = 512,

@@ -31,54 +31,7 @@ def main():
     """Convert, quantize and check Mixtral / Mistral / Llama checkpoints."""
 
 
-# ---- convert & inspect --------------------------------------------------------------------------------------
-
-@main.command("convert")
-@click.argument("src", type=click.Path(path_type=str))
-@click.argument("out", type=click.Path(path_type=str))
-@click.option("--to", "to", type=click.Choice(["hf", "torrent", "gguf"]), required=True, help="Target layout.")
-@click.option("--from", "layout", type=click.Choice(["auto", "hf", "torrent", "gguf"]), default="auto",
-              show_default=True, help="Source layout (detected by default).")
-@click.option("--dtype", type=click.Choice(["auto", *LABEL_DTYPES]), default="auto", show_default=True,
-              help="Weights dtype for hf/torrent output; auto keeps the source's.")
-@click.option("--outtype", "outtypes", type=click.Choice(["auto", *GGUF_PY_TYPES, *LLAMA_CPP_TYPES],
-                                                          case_sensitive=False), multiple=True,
-              help="GGUF tensor type (default: auto; K-quants need the llama-cpp extra). Repeat it to write several "
-                   "types in one run from one float intermediate, OUT naming each with {outtype}.")
-@click.option("--shard-size", type=SIZE, default="5GB", show_default=True,
-              help="Largest safetensors shard (hf output).")
-@click.option("--split-max-size", type=SIZE, default=None, help="Split GGUF output into files of at most this size.")
-@click.option("--weights", "weights_format", type=click.Choice(["safetensors", "pth"]), default="safetensors",
-              show_default=True, help="Torrent output: consolidated.safetensors or consolidated.00.pth.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@command
-def convert_cmd(src, out, to, layout, dtype, outtypes, shard_size, split_max_size, weights_format, force):
-    """Convert checkpoint SRC into layout --to at OUT."""
-    from mixq import api
-    outtype = [t.lower() for t in outtypes] if len(outtypes) > 1 else (outtypes[0].lower() if outtypes else "auto")
-    result = api.convert(src, out, to=to, layout=layout, dtype=dtype, outtype=outtype, shard_size=shard_size,
-                         split_max_size=split_max_size, weights=weights_format, force=force)
-    return result, lambda r: table([
-        ("converted", f"{r['source']} ({r['source_layout']}) -> {r['output']} ({r['layout']})"),
-        ("architecture", r["architecture"]), ("tensors", r["tensors"]), ("size", human_bytes(r["bytes"])),
-        ("files", r.get("shards", 1)), ("tokenizer", ", ".join(r.get("tokenizer") or []) or "none"),
-        ("time", f"{r['seconds']:.1f} s")])
-
-
-@main.command("inspect")
-@click.argument("path", type=click.Path(path_type=str))
-@click.option("--from", "layout", type=click.Choice(["auto", "hf", "torrent", "gguf"]), default="auto",
-              show_default=True)
-@command
-def inspect_cmd(path, layout):
-    """Describe the checkpoint at PATH: layout, architecture, hyper-parameters, tensors, tokenizer."""
-    from mixq.convert import inspect_checkpoint
-    info = inspect_checkpoint(path, layout)
-
-    return info, render_inspect
-
-
-# ---- calibration --------------------------------------------------------------------------------------------
+# ---- options several commands share --------------------------------------------------------------------
 
 def calibration_options(fn):
     """--calib and its sampling options, shared by `calibration prepare` and the quantize commands."""
@@ -109,6 +62,94 @@ def calibration_kwargs(kwargs: dict) -> dict:
     keys = ("calib", "split", "field", "samples", "seqlen", "seed", "mode", "allow_fewer")
     return {k: kwargs.pop(k) for k in keys}
 
+
+# ---- convert & inspect --------------------------------------------------------------------------------------
+
+@main.command("convert")
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--to", "to", type=click.Choice(["hf", "torrent", "gguf"]), required=True, help="Target layout.")
+@click.option("--from", "layout", type=click.Choice(["auto", "hf", "torrent", "gguf"]), default="auto",
+              show_default=True, help="Source layout (detected by default).")
+@click.option("--dtype", type=click.Choice(["auto", *LABEL_DTYPES]), default="auto", show_default=True,
+              help="Weights dtype for hf/torrent output; auto keeps the source's.")
+@click.option("--outtype", "outtypes", type=click.Choice(["auto", *GGUF_PY_TYPES, *LLAMA_CPP_TYPES],
+                                                          case_sensitive=False), multiple=True,
+              help="GGUF tensor type (default: auto; K-quants need the llama-cpp extra). Repeat it to write several "
+                   "types in one run from one float intermediate, OUT naming each with {outtype}.")
+@click.option("--shard-size", type=SIZE, default="5GB", show_default=True,
+              help="Largest safetensors shard (hf output).")
+@click.option("--split-max-size", type=SIZE, default=None, help="Split GGUF output into files of at most this size.")
+@click.option("--weights", "weights_format", type=click.Choice(["safetensors", "pth"]), default="safetensors",
+              show_default=True, help="Torrent output: consolidated.safetensors or consolidated.00.pth.")
+@click.option("--imatrix", default=None, metavar="FILE|auto",
+              help="K-quants and i-quants: llama.cpp's importance matrix (a .gguf from `mixq imatrix` or "
+                   "llama-imatrix, or a legacy .dat), or auto to compute it from the calibration options below "
+                   "(the i-quants iq1_*, iq2_* and iq3_xxs, and q2_k_s, need one).")
+@click.option("--device", default="auto", show_default=True, help="--imatrix auto: cuda, cuda:N or cpu.")
+@click.option("--compute-dtype", "compute_dtype", type=click.Choice(COMPUTE_DTYPES), default="auto",
+              show_default=True, help=COMPUTE_DTYPE_HELP)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@calibration_options
+@command
+def convert_cmd(src, out, to, layout, dtype, outtypes, shard_size, split_max_size, weights_format, imatrix, device,
+                compute_dtype, force, **kwargs):
+    """Convert checkpoint SRC into layout --to at OUT."""
+    from mixq import api
+    outtype = [t.lower() for t in outtypes] if len(outtypes) > 1 else (outtypes[0].lower() if outtypes else "auto")
+    calibration = calibration_kwargs(kwargs)
+    given = [name for name in calibration if click.get_current_context().get_parameter_source(name).name
+             == "COMMANDLINE"]
+    if imatrix != "auto" and given:
+        raise click.UsageError(f"--{given[0].replace('_', '-')} calibrates --imatrix auto only")
+    result = api.convert(src, out, to=to, layout=layout, dtype=dtype, outtype=outtype, shard_size=shard_size,
+                         split_max_size=split_max_size, weights=weights_format, force=force, imatrix=imatrix,
+                         device=device, compute_dtype=compute_dtype, **(calibration if imatrix == "auto" else {}))
+    return result, lambda r: table([
+        ("converted", f"{r['source']} ({r['source_layout']}) -> {r['output']} ({r['layout']})"),
+        ("architecture", r["architecture"]), ("tensors", r["tensors"]), ("size", human_bytes(r["bytes"])),
+        ("files", r.get("shards", 1)), ("tokenizer", ", ".join(r.get("tokenizer") or []) or "none"),
+        *([("importance matrix", f"{r['imatrix']['name']}, {r['imatrix']['entries']} tensors")]
+          if r.get("imatrix") else []),
+        ("time", f"{r['seconds']:.1f} s")])
+
+
+@main.command("imatrix")
+@click.argument("model", type=click.Path(path_type=str))
+@click.argument("output", type=click.Path(path_type=str))
+@click.option("--device", default="auto", show_default=True, help="cuda, cuda:N or cpu (auto: CUDA if any).")
+@click.option("--compute-dtype", "compute_dtype", type=click.Choice(COMPUTE_DTYPES), default="auto",
+              show_default=True, help=COMPUTE_DTYPE_HELP)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Calibration blocks per forward pass.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@calibration_options
+@command
+def imatrix_cmd(model, output, device, compute_dtype, batch, force, **kwargs):
+    """Compute llama.cpp's importance matrix of MODEL on calibration text into OUTPUT (.gguf), for
+    `mixq convert --imatrix OUTPUT` or llama-quantize --imatrix."""
+    from mixq import api
+    result = api.imatrix(model, output, device=device, compute_dtype=compute_dtype, batch=batch, force=force,
+                         **calibration_kwargs(kwargs))
+    return result, lambda r: table([
+        ("importance matrix", r["output"]), ("tensors", r["entries"]),
+        ("calibration", f"{', '.join(r['datasets'])}: {r['chunks']} x {r['chunk_size']} tokens")])
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--from", "layout", type=click.Choice(["auto", "hf", "torrent", "gguf"]), default="auto",
+              show_default=True)
+@command
+def inspect_cmd(path, layout):
+    """Describe the checkpoint at PATH: layout, architecture, hyper-parameters, tensors, tokenizer."""
+    from mixq.convert import inspect_checkpoint
+    info = inspect_checkpoint(path, layout)
+
+    return info, render_inspect
+
+
+# ---- calibration --------------------------------------------------------------------------------------------
 
 @main.group("calibration")
 def calibration_group():
@@ -424,13 +465,14 @@ def report_cmd(folder):
 @click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--name", default=None, help="File name stem of the GGUF outputs (default: MODEL's folder name).")
+@click.option("--imatrix", default=None, metavar="FILE|auto", help="The importance matrix its GGUF step will use.")
 @command
-def preflight_cmd(model, out, methods, outtypes, calib, eval_source, bits, group_size, device, name):
+def preflight_cmd(model, out, methods, outtypes, calib, eval_source, bits, group_size, device, name, imatrix):
     """Check, before any work, what a pipeline making OUT from MODEL will need: the model, the calibration and
     evaluation sources, llama.cpp for K-quants, a CUDA device if asked, free disk for the outputs not made yet."""
     from mixq.quantize.preflight import preflight
     result = preflight(model, out, methods, [t.lower() for t in outtypes], calib=calib, eval_source=eval_source,
-                       bits=bits, group_size=group_size, device=device, name=name)
+                       bits=bits, group_size=group_size, device=device, name=name, imatrix=imatrix)
     return result, lambda r: table([("ready", f"{r['model']} -> {r['out']}"),
                                     ("disk", f"{human_bytes(r['bytes_needed'])} needed, "
                                              f"{human_bytes(r['bytes_free'])} free")])

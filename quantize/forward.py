@@ -8,6 +8,7 @@ Weights are canonical tensors keyed by their name below `model.layers.N.`; tests
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,10 @@ from mixq.convert.architecture import expert_modules
 from mixq.convert.spec import ModelSpec
 
 Weights = dict[str, torch.Tensor]
+# called with the modules (layer-relative names) that read an input and that input's rows [..., in_features],
+# for every matrix multiplication of the layer (the importance matrix watches them; None costs nothing)
+Observer = Callable[[tuple[str, ...], torch.Tensor], None]
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,8 +69,10 @@ def _attention_mask(t_q: int, t_k: int, window: int | None, device) -> tuple[tor
 
 
 def attention_context(h: torch.Tensor, w: Weights, spec: ModelSpec, rope: Rotary,
-                      cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
+                      cache: "KVCache | None" = None, layer: int = 0, observe: Observer | None = None) -> torch.Tensor:
     """The input of o_proj: attention over the normed hidden states h [B, T, H]."""
+    if observe is not None:
+        observe(QKV, h)
     b, t, _ = h.shape
     nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     q = (h @ w["self_attn.q_proj.weight"].T).view(b, t, nh, hd).transpose(1, 2)
@@ -80,8 +87,15 @@ def attention_context(h: torch.Tensor, w: Weights, spec: ModelSpec, rope: Rotary
     return out.transpose(1, 2).reshape(b, t, nh * hd)
 
 
-def expert_forward(h: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    return (F.silu(h @ w1.T) * (h @ w3.T)) @ w2.T
+def expert_forward(h: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                   observe: Observer | None = None, modules: tuple[str, str, str] = ()) -> torch.Tensor:
+    """SwiGLU; `modules` names (w1, w3, w2) for `observe`."""
+    if observe is None:
+        return (F.silu(h @ w1.T) * (h @ w3.T)) @ w2.T
+    observe(modules[:2], h)
+    act = F.silu(h @ w1.T) * (h @ w3.T)
+    observe(modules[2:], act)
+    return act @ w2.T
 
 
 def route(h: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,8 +107,11 @@ def route(h: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     return logits, weights.to(h.dtype), experts
 
 
-def moe_forward(h: torch.Tensor, w: Weights, spec: ModelSpec, counts: torch.Tensor | None = None) -> torch.Tensor:
+def moe_forward(h: torch.Tensor, w: Weights, spec: ModelSpec, counts: torch.Tensor | None = None,
+                observe: Observer | None = None) -> torch.Tensor:
     """The sparse MoE block on h [N, H]; adds each expert's routed-token count to `counts` when given."""
+    if observe is not None:
+        observe(("block_sparse_moe.gate",), h)
     _, weights, experts = route(h, w["block_sparse_moe.gate.weight"], spec.experts_per_tok)
     out = torch.zeros_like(h)
     for e in range(spec.num_experts):
@@ -103,25 +120,33 @@ def moe_forward(h: torch.Tensor, w: Weights, spec: ModelSpec, counts: torch.Tens
             counts[e] += token.numel()
         if token.numel() == 0:
             continue
-        w1, w3, w2 = (w[f"{n}.weight"] for n in expert_modules(e))
-        y = expert_forward(h[token], w1, w3, w2) * weights[token, slot, None]
+        modules = expert_modules(e)
+        w1, w3, w2 = (w[f"{n}.weight"] for n in modules)
+        y = expert_forward(h[token], w1, w3, w2, observe, modules) * weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out
 
 
-def mlp_forward(h: torch.Tensor, w: Weights, spec: ModelSpec, counts: torch.Tensor | None = None) -> torch.Tensor:
+DENSE_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def mlp_forward(h: torch.Tensor, w: Weights, spec: ModelSpec, counts: torch.Tensor | None = None,
+                observe: Observer | None = None) -> torch.Tensor:
     if spec.is_moe:
         shape = h.shape
-        return moe_forward(h.reshape(-1, shape[-1]), w, spec, counts).reshape(shape)
-    return expert_forward(h, w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"])
+        return moe_forward(h.reshape(-1, shape[-1]), w, spec, counts, observe).reshape(shape)
+    return expert_forward(h, *(w[f"{m}.weight"] for m in DENSE_MLP), observe, DENSE_MLP)
 
 
 def decoder_layer(x: torch.Tensor, w: Weights, spec: ModelSpec, rope: Rotary, counts: torch.Tensor | None = None,
-                  cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
+                  cache: "KVCache | None" = None, layer: int = 0, observe: Observer | None = None) -> torch.Tensor:
     h = rms_norm(x, w["input_layernorm.weight"], spec.rms_norm_eps)
-    x = x + attention_context(h, w, spec, rope, cache, layer) @ w["self_attn.o_proj.weight"].T
+    context = attention_context(h, w, spec, rope, cache, layer, observe)
+    if observe is not None:
+        observe(("self_attn.o_proj",), context)
+    x = x + context @ w["self_attn.o_proj.weight"].T
     h = rms_norm(x, w["post_attention_layernorm.weight"], spec.rms_norm_eps)
-    return x + mlp_forward(h, w, spec, counts)
+    return x + mlp_forward(h, w, spec, counts, observe)
 
 
 class KVCache:

@@ -15,19 +15,23 @@ from mixq.convert.architecture import plan
 from mixq.convert.errors import MixqError
 from mixq.convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
 from mixq.convert.hub import resolve_model
+from mixq.convert.imatrix import read_imatrix
+from mixq.convert.llama_quantize import refuse_without_imatrix
 
 from .formats import FORMATS
 
 # bits per weight of each GGUF type, as llama.cpp's quantize tool lists them (K-quant mixes: their average)
 GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0,
-             "q2_k": 2.96, "q3_k_s": 3.5, "q3_k_m": 3.91, "q3_k_l": 4.27, "q4_k_s": 4.58, "q4_k_m": 4.89,
-             "q5_k_s": 5.54, "q5_k_m": 5.7, "q6_k": 6.56}
+             "q2_k": 2.96, "q2_k_s": 2.96, "q3_k_s": 3.5, "q3_k_m": 3.91, "q3_k_l": 4.27, "q4_k_s": 4.58,
+             "q4_k_m": 4.89, "q5_k_s": 5.54, "q5_k_m": 5.7, "q6_k": 6.56, "iq1_s": 1.56, "iq1_m": 1.75,
+             "iq2_xxs": 2.06, "iq2_xs": 2.31, "iq2_s": 2.5, "iq2_m": 2.7, "iq3_xxs": 3.06, "iq3_xs": 3.3,
+             "iq3_s": 3.44, "iq3_m": 3.66, "iq4_nl": 4.5, "iq4_xs": 4.25}
 MARGIN = 1.1  # headers, tokenizer files, rounding of the estimates
 
 
 def preflight(model: str | Path, out: str | Path, methods=(), outtypes=(), calib: str | None = None,
               eval_source: str | None = None, bits: int = 4, group_size: int = 128,
-              device: str = "auto", name: str | None = None) -> dict:
+              device: str = "auto", name: str | None = None, imatrix: str | None = None) -> dict:
     """Refuse, before any work, a pipeline that would fail later; returns what was checked.
 
     methods: quantization methods whose repository will be made ("awq", "gptq"); outtypes: GGUF types; the
@@ -48,6 +52,9 @@ def preflight(model: str | Path, out: str | Path, methods=(), outtypes=(), calib
     if unknown:
         raise MixqError(f"unknown GGUF outtype {unknown[0]!r} (choose from {', '.join(GGUF_BITS)})")
     k_quants = [t for t in outtypes if t in LLAMA_CPP_TYPES]
+    refuse_without_imatrix(k_quants, imatrix)
+    if imatrix not in (None, "auto"):
+        read_imatrix(imatrix)
     if k_quants:
         try:
             import llama_cpp  # noqa: F401

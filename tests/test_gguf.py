@@ -231,7 +231,9 @@ def test_the_type_tables_name_gguf_enums_with_llama_h_ids():
     names = {outtype: name for outtype, (_, name) in GGUF_PY_TYPES.items()} | LLAMA_CPP_TYPES
     assert {outtype: gguf.LlamaFileType[name] for outtype, name in names.items()} == {  # llama.h's llama_ftype
         "f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q2_k": 10,
-        "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+        "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18,
+        "iq2_xxs": 19, "iq2_xs": 20, "q2_k_s": 21, "iq3_xs": 22, "iq3_xxs": 23, "iq1_s": 24, "iq4_nl": 25,
+        "iq3_s": 26, "iq3_m": 27, "iq2_s": 28, "iq2_m": 29, "iq4_xs": 30, "iq1_m": 31}
     assert {t.name: t.value for t in gguf.TokenType} == {
         name: getattr(tokenizer, name) for name in ("NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE")}
 

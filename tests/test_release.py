@@ -204,7 +204,29 @@ def test_changed_settings_remake_exactly_what_they_affect(release):
     assert make(out, model, "GROUP=64").returncode == 0 and tree(out) == after
 
 
-@pytest.mark.parametrize("case", ["evaluation text missing", "k-quant without llama.cpp", "bits awq cannot hold"])
+def test_an_importance_matrix_remakes_the_k_quants_and_nothing_else(release):
+    """IMATRIX=auto after a run without one remakes the K-quant (with the matrix), its check and the GGUF card."""
+    pytest.importorskip("llama_cpp", reason="needs the llama-cpp extra (llama-cpp-python)")
+    from mixq.convert import inspect_checkpoint
+    out, model, _ = release
+    with_k = ("GROUP=64", "OUTTYPES=f16 q8_0 q4_k_m")   # GROUP as the test above left the release
+    first = make(out, model, *with_k)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = tree(out)
+    again = make(out, model, *with_k, "IMATRIX=auto")
+    assert again.returncode == 0, again.stderr[-2000:]
+    after = tree(out)
+    assert {f for f in after if before.get(f) != after[f]} == {
+        "gguf/tiny-mixtral-q4_k_m.gguf", "gguf/tiny-mixtral-q4_k_m.check.json", "gguf/README.md"}
+    meta = inspect_checkpoint(out / "gguf/tiny-mixtral-q4_k_m.gguf")["metadata"]
+    assert meta["quantize.imatrix.file"] == "auto (kjv, 4 x 32 tokens)" and meta["quantize.imatrix.dataset"] == "kjv"
+    card = (out / "gguf/README.md").read_text()
+    assert "| auto (kjv, 4 x 32 tokens) |" in card and "imatrix" in read_front_matter(out / "gguf/README.md")["tags"]
+    assert make(out, model, *with_k, "IMATRIX=auto").returncode == 0 and tree(out) == after
+
+
+@pytest.mark.parametrize("case", ["evaluation text missing", "k-quant without llama.cpp", "bits awq cannot hold",
+                                  "i-quant without importance matrix"])
 def test_a_pipeline_fails_before_its_first_step(release, tmp_path, case):
     """What a release needs is checked before the first quantization, not after hours of it."""
     _, model, _ = release
@@ -213,6 +235,7 @@ def test_a_pipeline_fails_before_its_first_step(release, tmp_path, case):
         "k-quant without llama.cpp": (["OUTTYPES=f16 q4_k_m"], "GGUF q4_k_m need llama.cpp's quantizer",
                                       {"PYTHONPATH": str(tmp_path / "hide")}),
         "bits awq cannot hold": (["BITS=8"], "--bits 8: the AWQ format holds 4-bit weights", {}),
+        "i-quant without importance matrix": (["OUTTYPES=f16 iq2_xs"], "GGUF iq2_xs need an importance matrix", {}),
     }[case]
     (tmp_path / "hide").mkdir()
     (tmp_path / "hide" / "llama_cpp.py").write_text("raise ImportError('hidden by the test')\n")

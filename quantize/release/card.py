@@ -11,6 +11,7 @@ import yaml
 
 from mixq.convert.errors import MixqError
 from mixq.convert.jsonfile import read_json
+from mixq.convert.llama_quantize import IMATRIX_KEYS
 from mixq.convert.output import write_file
 from mixq.convert.progress import human_bytes
 from mixq.convert.provenance import hub_id, public_name
@@ -225,13 +226,19 @@ def gguf_card(folder: Path, publishing: Publishing = Publishing()) -> str:
     base = public_name(publishing.base_model or source or info["metadata"].get("general.name") or files[0].stem)
     template = prompt_template(files[0])
     reference_card = next((c["reference_card"] for c in checks.values() if c and c.get("reference_card")), None)
+    # what llama.cpp's quantize tool records of an importance matrix (llama_quantize.IMATRIX_KEYS)
+    imatrix = {f: {k: infos[f]["metadata"].get(key) for k, key in IMATRIX_KEYS.items()} for f in files}
+    calibrated = sorted({m["dataset"] for m in imatrix.values() if m["dataset"]})
     data = publishing.card_data(source, reference_card, library="gguf", model_type=info["architecture"],
-                                prompt_template=template, tags=["gguf", "llama.cpp", "mixq"])
+                                prompt_template=template, tags=["gguf", "llama.cpp", "mixq"]
+                                + (["imatrix"] if any(m["file"] for m in imatrix.values()) else []),
+                                datasets=[d for d in map(calibration_dataset, calibrated) if d])
     lines = [data.front_matter(), f"# {Path(str(base)).name} - GGUF", "",
              f"GGUF files of `{base}` for llama.cpp and the runtimes built on it, made with mixq.", "",
              "## Prompt template", "", "```", template, "```", "",
              "## Provided files", "",
-             "| file | type | size | bits per weight | perplexity | vs reference |", "|---|---|---|---|---|---|"]
+             "| file | type | size | bits per weight | importance matrix | perplexity | vs reference |",
+             "|---|---|---|---|---|---|---|"]
     for f in files:
         check = checks[f.name]
         size = f.stat().st_size
@@ -239,8 +246,13 @@ def gguf_card(folder: Path, publishing: Publishing = Publishing()) -> str:
         ppl = f"{check['perplexity']:.4f}" if check else "-"
         delta = f"{check['delta_percent']:+.2f}%" if check and check.get("delta_percent") is not None else "-"
         types = ", ".join(sorted(infos[f]["dtypes"]))
-        lines.append(f"| {f.name} | {types} | {human_bytes(size)} | {8 * size / params:.2f} | {ppl} | {delta} |")
+        matrix = imatrix[f]["file"] or "-"
+        lines.append(f"| {f.name} | {types} | {human_bytes(size)} | {8 * size / params:.2f} | {matrix} | {ppl} | "
+                     f"{delta} |")
     lines.append("")
+    if calibrated:
+        lines += [f"The importance matrix (llama.cpp's: each weight's rounding weighed by its input column's mean "
+                  f"squared activation) was computed by mixq on `{', '.join(calibrated)}`.", ""]
     first = next((c for c in checks.values() if c), None)
     if first:
         ev = first.get("eval", {})
