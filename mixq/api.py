@@ -158,7 +158,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
              allow_fewer: bool = False, bits: int = 4, group_size: int = 128, expert_naming: str = "classic",
              device: str = "auto", compute_dtype: str = "auto", batch: int = 8, shard_size: str | int = "5GB",
              resume: bool = False, force: bool = False, check: bool | dict = False, device_memory=None,
-             checkpoint_every: int = 1, allow_unloadable: bool = False, **options) -> dict:
+             checkpoint_every: int = 1, allow_unloadable: bool = False, search: str = "minmax", **options) -> dict:
     """`mixq quantize METHOD MODEL OUT`: an AWQ-GEMM or GPTQ-v1 repository at `out`; returns its report.
 
     `options` are the method's own (METHOD_OPTIONS: gptq sym, damp, act_order, static_groups, true_sequential;
@@ -167,6 +167,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
     evaluation text is resolved before any work). `device_memory`: as check()'s, for the quantization (the
     calibration activations move to host memory when they do not fit beside one layer's work) and its check.
     `checkpoint_every`: layers between resume checkpoints (each writes the next layer's inputs).
+    `search`: how each group's range is chosen, "minmax" or "mse" (quantizer.py; AWQ: its final step only).
     Settings a runtime the card names refuses or serves slowly (quantize.runtimes) are refused before any work
     unless `allow_unloadable`; the report's `runtimes` and the card then say which.
     """
@@ -199,7 +200,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
                  "scale_router": o["router_scaling"]}
     else:  # round-to-nearest: symmetric for GPTQ's consumers, zero point for AWQ's, unless told
         sym = fmt.name == "gptq" if o["sym"] is None else o["sym"]
-    settings = Settings(method=method, scheme=fmt.scheme(bits, group_size, sym), fmt=fmt.name,
+    settings = Settings(method=method, scheme=fmt.scheme(bits, group_size, sym, search), fmt=fmt.name,
                         expert_naming=expert_naming, device=device, dtype=compute_dtype, batch=batch,
                         shard_size=parse_size(shard_size), device_memory=device_memory,
                         checkpoint_every=checkpoint_every, **extra)

@@ -15,6 +15,7 @@ from mixq.convert.ggufio import GGUF_PY_TYPES, LLAMA_CPP_TYPES
 from mixq.convert.progress import human_bytes
 from mixq.quantize.device import COMPUTE_DTYPES
 from mixq.quantize.formats import FORMATS
+from mixq.quantize.quantizer import SEARCHES
 from mixq.render import provenance_rows, render_check, render_inspect, render_quantize, render_report, table
 
 COMPUTE_DTYPE_HELP = "Arithmetic of calibration and evaluation (auto: f32 on a CPU, bf16 on CUDA)."
@@ -283,6 +284,9 @@ def engine_options(fn):
         click.option("--bits", default=4, show_default=True, help="Bits per weight."),
         click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True,
                      help="Weights per quantization group (must divide every linear's input size)."),
+        click.option("--search", type=click.Choice(SEARCHES), default="minmax", show_default=True,
+                     help="Each group's range: minmax as the format's rule gives it, or mse: shrunk to the range "
+                          "whose rounding error is least (80 trials per group; AWQ: its final step)."),
         click.option("--expert-naming", type=click.Choice(EXPERT_NAMINGS), default="classic",
                      show_default=True,
                      help="Mixtral expert keys: classic block_sparse_moe.experts.E.w1/w2/w3 (vLLM, TGI) or "
@@ -323,8 +327,8 @@ def _run_quantize(method, model, out, kwargs, **options):
         raise click.BadParameter(problem, param_hint="'--bits'")
     checking = kwargs.pop("run_check")
     check = check_kwargs(kwargs)
-    shared = {k: kwargs.pop(k) for k in ("bits", "group_size", "expert_naming", "device", "compute_dtype", "batch",
-                                         "shard_size", "resume", "force", "device_memory",
+    shared = {k: kwargs.pop(k) for k in ("bits", "group_size", "search", "expert_naming", "device", "compute_dtype",
+                                         "batch", "shard_size", "resume", "force", "device_memory",
                                          "checkpoint_every", "allow_unloadable")}
     calib = calibration_kwargs(kwargs) if method != "rtn" else {}
     if check and checking:

@@ -9,7 +9,7 @@ import torch
 
 from mixq.convert.architecture import plan
 
-from .quantizer import Scheme, fake_quantize
+from .quantizer import Scheme, as_searched_by_minmax, fake_quantize
 
 CLIP_TOKENS = 512        # AutoAWQ's n_sample_token
 CLIP_SHRINK = 0.5        # AutoAWQ's max_shrink: clipping thresholds down to half the group maximum
@@ -23,7 +23,7 @@ def search_scale(chunks: list[torch.Tensor], weights: dict, modules: tuple[str, 
     `chunks` are the group's inputs a chunk at a time (wherever they live; each is brought to `device` when used)
     and `inspect(weights, chunk)` the output of the module the group feeds on one chunk, so the working set is one
     chunk whatever the calibration size; the unquantized outputs are kept beside their chunks."""
-    scheme: Scheme = settings.scheme
+    scheme: Scheme = as_searched_by_minmax(settings.scheme)
     rows = sum(c.reshape(-1, c.shape[-1]).shape[0] for c in chunks)
     x_mean = sum(c.to(device).reshape(-1, c.shape[-1]).abs().float().sum(0) for c in chunks) / rows
     stacked = torch.cat([weights[f"{m}.weight"] for m in modules], dim=0).float()
@@ -104,6 +104,7 @@ def clip(weight: torch.Tensor, gram: torch.Tensor, scheme: Scheme, grid: int = 2
     group 128), without the cancellation of subtracting two outputs."""
     out_features, in_features = weight.shape
     group = scheme.group_size
+    scheme = as_searched_by_minmax(scheme)
     w_all = weight.float().reshape(out_features, -1, group)                  # [out, groups, g]
     batch = max(1, CLIP_BATCH_BYTES // (4 * in_features))   # rows at a time: a few temporaries of this size
     limits = []

@@ -58,8 +58,8 @@ class Format:
     suffixes: tuple[str, ...]        # the packed tensors of a linear, in the order they are written
     extra_files: tuple[str, ...] = ()
 
-    def scheme(self, bits: int = 4, group_size: int = 128, sym: bool = False) -> Scheme:
-        return Scheme(bits=bits, group_size=group_size, sym=sym, rule=self.range_rule)
+    def scheme(self, bits: int = 4, group_size: int = 128, sym: bool = False, search: str = "minmax") -> Scheme:
+        return Scheme(bits=bits, group_size=group_size, sym=sym, rule=self.range_rule, search=search)
 
     def bits_problem(self, bits) -> str | None:
         """Why `bits` cannot be stored in this format, or None when it can."""

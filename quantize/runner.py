@@ -36,7 +36,7 @@ from .formats import Format, get_format
 from .forward import Rotary, decoder_layer
 from .memory import Budget, activation_bytes, host_memory_to_spare, tensor_bytes
 from .methods import layer_method
-from .quantizer import QuantizedWeight, Scheme
+from .quantizer import SEARCHES, QuantizedWeight, Scheme
 from .runtimes import verdicts
 
 EXPERT_STATISTICS = {
@@ -131,6 +131,8 @@ def validate(spec: ModelSpec, settings: Settings) -> None:
         raise MixqError(f"--bits {fmt.bits_problem(scheme.bits)}")
     if scheme.group_size <= 0:
         raise MixqError(f"--group-size {scheme.group_size}: must be positive")
+    if scheme.search not in SEARCHES:
+        raise MixqError(f"--search {scheme.search}: unknown (choose from {', '.join(SEARCHES)})")
     if settings.expert_naming not in EXPERT_NAMINGS:
         raise MixqError(f"unknown expert naming {settings.expert_naming!r} (choose from {', '.join(EXPERT_NAMINGS)})")
     for lin in plan(spec).linears:
