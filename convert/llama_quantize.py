@@ -65,7 +65,6 @@ class Quantizer:
 
     def __init__(self, imatrix: Imatrix | None = None, imatrix_name: str = "auto"):
         self.llama_cpp = llama_cpp = _llama_cpp()
-        self.imatrix = imatrix
         self._keep = []     # the arrays the C structures point into, alive as long as the quantizer
         self._imatrix = self._overrides = None
         if imatrix is not None:

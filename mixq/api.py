@@ -44,9 +44,7 @@ def convert(src, out, *, to: str, layout: str = "auto", dtype: str = "auto", out
     from mixq.convert.errors import MixqError
     from mixq.convert.hub import resolve_model
     from mixq.convert.imatrix import read_imatrix
-    unknown = set(calibration) - set(CALIBRATION)
-    if unknown:
-        raise MixqError(f"convert has no option {sorted(unknown)[0]!r}")
+    _refuse_unknown(calibration, "convert")
     if calibration and imatrix != "auto":
         raise MixqError(f"{', '.join(sorted(calibration))}: calibration options are used only with --imatrix auto")
     src = resolve_model(src)
@@ -72,9 +70,7 @@ def imatrix(model, output, *, device: str = "auto", compute_dtype: str = "auto",
     from mixq.convert.hub import resolve_model
     from mixq.convert.output import claim, refuse_existing, staged_file
     from mixq.quantize.imatrix import compute_imatrix
-    unknown = set(calibration) - set(CALIBRATION)
-    if unknown:
-        raise MixqError(f"imatrix has no option {sorted(unknown)[0]!r}")
+    _refuse_unknown(calibration, "imatrix")
     output = Path(output)
     if output.suffix != ".gguf":
         raise MixqError(f"{output}: an importance matrix is written as GGUF: the path must end in .gguf")
@@ -88,6 +84,13 @@ def imatrix(model, output, *, device: str = "auto", compute_dtype: str = "auto",
             matrix.write(tmp)
     return {"output": str(output), "entries": len(matrix.entries), "datasets": matrix.datasets,
             "chunks": matrix.chunk_count, "chunk_size": matrix.chunk_size, "calibration": blocks.provenance}
+
+
+def _refuse_unknown(calibration: dict, command: str) -> None:
+    from mixq.convert.errors import MixqError
+    unknown = set(calibration) - set(CALIBRATION)
+    if unknown:
+        raise MixqError(f"{command} has no option {sorted(unknown)[0]!r}")
 
 
 def _blocks(model, options: dict):
