@@ -21,8 +21,10 @@ from pathlib import Path
 QUANTIZE_METHODS = ("awq", "gptq", "rtn")
 # the options of each method beyond the shared ones, with their defaults (the CLI's)
 METHOD_OPTIONS = {
-    "gptq": {"sym": True, "damp": 0.01, "act_order": True, "static_groups": None, "true_sequential": True},
-    "awq": {"zero_point": True, "grid": 20, "clip": True, "duo_scaling": True, "router_scaling": True},
+    "gptq": {"sym": True, "damp": 0.01, "act_order": True, "static_groups": None, "true_sequential": True,
+             "awq_gptq": False, "gptaq": False},
+    "awq": {"zero_point": True, "grid": 20, "clip": True, "duo_scaling": True, "router_scaling": True,
+            "awq_gptq": False, "gptaq": False},
     "rtn": {"format": "gptq", "sym": None},
 }
 
@@ -165,7 +167,9 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
     """`mixq quantize METHOD MODEL OUT`: an AWQ-GEMM or GPTQ-v1 repository at `out`; returns its report.
 
     `options` are the method's own (METHOD_OPTIONS: gptq sym, damp, act_order, static_groups, true_sequential;
-    awq zero_point, grid, clip, duo_scaling, router_scaling; rtn format, sym). `check`: True, or a dict of
+    awq zero_point, grid, clip, duo_scaling, router_scaling; both awq_gptq, AWQ's scales then GPTQ's solve, with
+    the other method's defaults, and gptaq, GPTQ's solve against the unquantized model's inputs too; rtn format,
+    sym). `check`: True, or a dict of
     `check()`'s keyword arguments, runs the check against `model` afterwards and adds it to the report (the
     evaluation text is resolved before any work). `device_memory`: as check()'s, for the quantization (the
     calibration activations move to host memory when they do not fit beside one layer's work) and its check.
@@ -196,11 +200,13 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
     if method == "gptq":
         sym = o["sym"]
         extra = {"damp": o["damp"], "act_order": o["act_order"], "true_sequential": o["true_sequential"],
-                 "static_groups": o["act_order"] if o["static_groups"] is None else o["static_groups"]}
+                 "static_groups": o["act_order"] if o["static_groups"] is None else o["static_groups"],
+                 "awq_gptq": o["awq_gptq"], "gptaq": o["gptaq"]}
     elif method == "awq":
         sym = not o["zero_point"]
         extra = {"grid": o["grid"], "clip": o["clip"], "duo_scaling": o["duo_scaling"],
-                 "scale_router": o["router_scaling"]}
+                 "scale_router": o["router_scaling"], "awq_gptq": o["awq_gptq"],
+                 "gptaq": o["gptaq"]}
     else:  # round-to-nearest: symmetric for GPTQ's consumers, zero point for AWQ's, unless told
         sym = fmt.name == "gptq" if o["sym"] is None else o["sym"]
     settings = Settings(method=method, scheme=fmt.scheme(bits, group_size, sym, search), fmt=fmt.name,

@@ -339,6 +339,12 @@ def _run_quantize(method, model, out, kwargs, **options):
     return report, render_quantize
 
 
+AWQ_GPTQ_HELP = ("AWQ's scales and clipping folded into each layer, then GPTQ's solve instead of round-to-nearest "
+                 "(the other method's settings at their defaults); the output format is the command's.")
+GPTAQ_HELP = ("GPTAQ's asymmetric calibration: GPTQ fits the unquantized model's outputs from the quantized model's "
+              "inputs (the unquantized hidden states are carried beside the quantized ones: their memory twice).")
+
+
 @main.group("quantize")
 def quantize_group():
     """Quantize a Hugging Face checkpoint to 4-bit (AWQ, GPTQ) or round-to-nearest."""
@@ -375,11 +381,14 @@ def quantize_rtn(model, out, fmt, sym, **kwargs):
                    "vLLM refuses --act-order without it).")
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="Calibrate each stage of a layer on the outputs of the stages already quantized.")
+@click.option("--awq-gptq", is_flag=True, help=AWQ_GPTQ_HELP)
+@click.option("--gptaq", is_flag=True, help=GPTAQ_HELP)
 @command
-def quantize_gptq(model, out, sym, damp, act_order, static_groups, true_sequential, **kwargs):
+def quantize_gptq(model, out, sym, damp, act_order, static_groups, true_sequential, awq_gptq, gptaq, **kwargs):
     """GPTQ, 4-bit group 128 by default, written in the GPTQ v1 format vLLM, TGI and transformers load."""
     return _run_quantize("gptq", model, out, kwargs, sym=sym, damp=damp, act_order=act_order,
-                         static_groups=static_groups, true_sequential=true_sequential)
+                         static_groups=static_groups, true_sequential=true_sequential, awq_gptq=awq_gptq,
+                         gptaq=gptaq)
 
 
 @quantize_group.command("awq")
@@ -398,11 +407,15 @@ def quantize_gptq(model, out, sym, damp, act_order, static_groups, true_sequenti
               help="Scales from activations and weights (AutoAWQ's default) or activations only.")
 @click.option("--no-router-scaling", is_flag=True,
               help="Leave the MoE router reading the rescaled norm, as AutoAWQ does (for comparison only).")
+@click.option("--awq-gptq", is_flag=True, help=AWQ_GPTQ_HELP)
+@click.option("--gptaq", is_flag=True, help=GPTAQ_HELP + " Needs --awq-gptq.")
 @command
-def quantize_awq(model, out, zero_point, packing, grid, no_clip, duo_scaling, no_router_scaling, **kwargs):
+def quantize_awq(model, out, zero_point, packing, grid, no_clip, duo_scaling, no_router_scaling, awq_gptq, gptaq,
+                 **kwargs):
     """AWQ, 4-bit group 128 GEMM by default (AutoAWQ's settings), the MoE router rescaled with its experts."""
     return _run_quantize("awq", model, out, kwargs, zero_point=zero_point, grid=grid, clip=not no_clip,
-                         duo_scaling=duo_scaling, router_scaling=not no_router_scaling)
+                         duo_scaling=duo_scaling, router_scaling=not no_router_scaling, awq_gptq=awq_gptq,
+                         gptaq=gptaq)
 
 
 # ---- publishing ---------------------------------------------------------------------------------------------

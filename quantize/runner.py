@@ -43,6 +43,7 @@ EXPERT_STATISTICS = {
     "gptq": "every expert's Hessians from all calibration tokens",
     "awq": "w1/w3 scales from all tokens; each w2 from the tokens routed to its expert (all tokens when none are)",
 }
+EXPERT_STATISTICS["awq_gptq"] = f"AWQ: {EXPERT_STATISTICS['awq']}; GPTQ: {EXPERT_STATISTICS['gptq']}"
 OUTPUT_DTYPE = torch.float16    # what AWQ and GPTQ repositories store their floating-point tensors in
 STATE = "state.json"
 NOT_NUMBERS = ("shard_size", "device_memory", "checkpoint_every")   # settings that never change an output byte
@@ -63,6 +64,8 @@ class Settings:
     clip: bool = True
     duo_scaling: bool = True
     scale_router: bool = True
+    awq_gptq: bool = False               # AWQ's scales, then GPTQ's solve (methods/awq_gptq.py), either format
+    gptaq: bool = False                  # GPTQ against the unquantized model's inputs too (gptq_solver.Sweep.add)
     device: str = "auto"
     dtype: str = "auto"
     batch: int = 8                       # calibration samples per forward chunk
@@ -73,6 +76,16 @@ class Settings:
     @property
     def format(self) -> Format:
         return get_format(self.fmt)
+
+    @property
+    def reference_stream(self) -> bool:
+        """Whether the unquantized model's hidden states are carried beside the quantized ones (GPTAQ)."""
+        return self.gptaq and self.engine in ("gptq", "awq_gptq")
+
+    @property
+    def engine(self) -> str:
+        """The layer method that runs (methods.METHODS): the command's, or AWQ then GPTQ for --awq-gptq."""
+        return "awq_gptq" if self.awq_gptq and self.method != "rtn" else self.method
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -102,6 +115,7 @@ class LayerContext:
     device: torch.device = torch.device("cpu")
     home: torch.device = torch.device("cpu")
     sweep: int = 1                       # GPTQ: expert matrices swept together (memory.Budget's choice)
+    x_ref: torch.Tensor | None = None    # GPTAQ: the same inputs as the unquantized model computes them, at home
     settled: set = field(default_factory=set)   # modules whose weights are their quantized values already
 
     def chunks(self):
@@ -110,6 +124,9 @@ class LayerContext:
 
     def inputs(self, chunk: slice) -> torch.Tensor:
         return self.x[chunk].to(self.device)
+
+    def reference_inputs(self, chunk: slice) -> torch.Tensor:
+        return self.x_ref[chunk].to(self.device)
 
     def keep(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.home)
@@ -135,6 +152,11 @@ def validate(spec: ModelSpec, settings: Settings) -> None:
         raise MixqError(f"--search {scheme.search}: unknown (choose from {', '.join(SEARCHES)})")
     if settings.expert_naming not in EXPERT_NAMINGS:
         raise MixqError(f"unknown expert naming {settings.expert_naming!r} (choose from {', '.join(EXPERT_NAMINGS)})")
+    if settings.gptaq and settings.engine not in ("gptq", "awq_gptq"):
+        raise MixqError("--gptaq calibrates GPTQ's solve: AWQ needs --awq-gptq with it")
+    if "g_idx" not in fmt.suffixes and settings.engine != "awq" and settings.act_order and not settings.static_groups:
+        raise MixqError(f"--act-order without static groups: the {fmt.title} format has no g_idx to hold its "
+                        "column order")
     for lin in plan(spec).linears:
         if problem := fmt.layout_problem(lin.shape, scheme):
             raise MixqError(f"model.layers.0.{lin.module}: {problem}")
@@ -143,7 +165,7 @@ def validate(spec: ModelSpec, settings: Settings) -> None:
 # tensors the size of the calibration activations a method keeps at once, beside the layer's inputs and outputs:
 # GPTQ the post-attention norm's outputs; AWQ those of both norms, the attention context, the reference output of
 # the group being searched and the down projections' routed inputs (about one more for Mixtral)
-METHOD_COPIES = {"rtn": 0, "gptq": 1, "awq": 5}
+METHOD_COPIES = {"rtn": 0, "gptq": 1, "awq": 5, "awq_gptq": 5}   # AWQ's are freed before GPTQ's are kept
 
 
 def layer_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
@@ -157,14 +179,14 @@ def layer_working_set(spec: ModelSpec, settings: Settings, dtype: torch.dtype, s
     group in fp32 beside its fake-quantized trial; one chunk's activations."""
     layer_plan = plan(spec)
     layer = layer_bytes(spec, dtype)
-    if settings.method == "gptq":
+    solver = 0
+    if settings.engine in ("gptq", "awq_gptq"):
         widest = max(lin.shape[1] for lin in layer_plan.linears)
-        solver = 4 * widest * widest * 4
-    elif settings.method == "awq":
+        # H, its factor and their scratch; GPTAQ also the cross products and the drift made of them
+        solver = (4 + (2 if settings.reference_stream else 0)) * widest * widest * 4
+    if settings.engine in ("awq", "awq_gptq"):   # one after the other: the larger of the two
         group = max(sum(math.prod(layer_plan.shape(m)) for m in g.linears) for g in layer_plan.smoothings)
-        solver = group * (4 + dtype.itemsize)
-    else:
-        solver = 0
+        solver = max(solver, group * (4 + dtype.itemsize))
     return 3 * layer + solver + (activation_bytes(spec, settings.batch, seqlen) if seqlen else 0)
 
 
@@ -182,10 +204,12 @@ def plan_memory(spec: ModelSpec, settings: Settings, blocks, device: torch.devic
     never a number changed), and the plan in one line; a budget that cannot hold the working set is refused."""
     seqlen = blocks.tokens.shape[1] if blocks is not None else 0
     working = layer_working_set(spec, settings, dtype, seqlen)
-    budget.require(working, f"quantizing one layer with {settings.method.upper()}")
+    budget.require(working, f"quantizing one layer with {settings.engine.upper().replace('_', '+')}")
     home, where = device, "none"
     if blocks is not None:
-        copies = (2 + METHOD_COPIES[settings.method]) * tensor_bytes((*blocks.tokens.shape, spec.hidden_size), dtype)
+        # GPTAQ: the reference stream, its next layer's inputs and the reference post-attention norms
+        streams = 2 + METHOD_COPIES[settings.engine] + (3 if settings.reference_stream else 0)
+        copies = streams * tensor_bytes((*blocks.tokens.shape, spec.hidden_size), dtype)
         if budget.fits(working + copies):
             budget.keep(copies)
             where = "on the device"
@@ -193,7 +217,7 @@ def plan_memory(spec: ModelSpec, settings: Settings, blocks, device: torch.devic
             home, where = torch.device("cpu"), "in host memory"
         where = f"{human_bytes(copies)} {where}"
     sweep, swept = 1, ""
-    if settings.method == "gptq" and spec.is_moe:
+    if settings.engine in ("gptq", "awq_gptq") and spec.is_moe:
         per = sweep_matrix_bytes(spec, settings)
         sweep = max(1, min(spec.num_experts, (budget.room() - working) // per + 1))
         working += (sweep - 1) * per
@@ -218,6 +242,14 @@ def layer_outputs(ctx: LayerContext, weights: dict[str, torch.Tensor], counts: t
             ref_norm += float((y_ref - x).float().pow(2).sum())
         out[chunk] = ctx.keep(y)
     return out, (math.sqrt(err / ref_norm) if ref_norm else 0.0)
+
+
+def reference_outputs(ctx: LayerContext, original: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The unquantized layer's outputs on the unquantized model's inputs: the next layer's reference stream."""
+    out = torch.empty_like(ctx.x_ref)
+    for chunk in ctx.chunks():
+        out[chunk] = ctx.keep(decoder_layer(ctx.reference_inputs(chunk), original, ctx.spec, ctx.rope))
+    return out
 
 
 class Work:
@@ -257,12 +289,13 @@ class Work:
                 torch.save(hidden, tmp)   # on the host already: the loop copied it there
         write_file(self.path / STATE, json.dumps(state, indent=1))
 
-    def hidden(self, device) -> torch.Tensor:
+    def hidden(self, device, streams: int = 1) -> torch.Tensor:
+        """The next layer's inputs; with two streams (GPTAQ) the quantized and the reference ones, stacked."""
         try:
             hidden = torch.load(self.path / "hidden.pt", map_location=device, weights_only=True)
         except Exception:  # any unpickling failure of our own file: damaged, not a bug
             raise self.damaged("hidden.pt") from None
-        if not isinstance(hidden, torch.Tensor):
+        if not isinstance(hidden, torch.Tensor) or (streams > 1 and (hidden.dim() != 4 or hidden.shape[0] != streams)):
             raise self.damaged("hidden.pt")
         return hidden
 
@@ -320,7 +353,7 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
     elif state["next_layer"]:
         note(f"resuming at layer {state['next_layer']} of {spec.num_layers}")
 
-    x = rope = None
+    x = rope = x_ref = None
     if blocks is not None:
         seqlen = blocks.tokens.shape[1]
         rope = Rotary.build(spec, seqlen, device, dtype)
@@ -329,8 +362,10 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
             x = embed[blocks.tokens].to(device=home, dtype=dtype)
             ckpt.release("model.embed_tokens.weight")
         elif state["next_layer"] < spec.num_layers:   # none when only the assembly was left
-            x = work.hidden(home)
-    quantize_layer = layer_method(settings.method)
+            x = work.hidden(home, streams=2 if settings.reference_stream else 1)
+        if settings.reference_stream and x is not None:   # both streams start from the same embeddings
+            x, x_ref = (x, x) if state["next_layer"] == 0 else x.unbind(0)
+    quantize_layer = layer_method(settings.engine)
     note(memory_plan)
     layers = range(state["next_layer"], spec.num_layers)
     # the next layer is read ahead into host memory when the host can spare it (and, on a CPU, no budget caps it)
@@ -346,7 +381,8 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
             t0 = time.perf_counter()
             weights = {name: tensor.to(device) for name, tensor in weights.items()}
             original = dict(weights) if x is not None else None
-            ctx = LayerContext(layer, spec, weights, x, rope, settings, device=device, home=home, sweep=sweep)
+            ctx = LayerContext(layer, spec, weights, x, rope, settings, device=device, home=home, sweep=sweep,
+                               x_ref=x_ref)
             quantized = quantize_layer(ctx)
             for module in quantized.keys() - ctx.settled:
                 ctx.settle(module, quantized[module])
@@ -354,6 +390,8 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
             if x is not None:
                 counts = torch.zeros(max(spec.num_experts, 1), dtype=torch.long)
                 x, record["output_error"] = layer_outputs(ctx, weights, counts, original)
+                if x_ref is not None:
+                    x_ref = reference_outputs(ctx, original)
                 if spec.is_moe:
                     record["routed_tokens"] = counts.tolist()
             tensors = layer_tensors(layer, spec, quantized, weights, settings)
@@ -363,7 +401,9 @@ def _quantize(ckpt: Checkpoint, model: Path, out: Path, settings: Settings, bloc
             last = layer + 1 == spec.num_layers
             saved = dict(state, layers=list(state["layers"])) \
                 if last or (layer + 1) % settings.checkpoint_every == 0 else None
-            hidden = x.cpu() if saved is not None and not last and x is not None else None
+            hidden = None
+            if saved is not None and not last and x is not None:
+                hidden = (x if x_ref is None else torch.stack([x, x_ref])).cpu()
             writer.submit(_write_and_save, work, layer, tensors, saved, hidden)
             del weights, original, ctx, quantized, tensors, hidden
             pbar.update(1)
@@ -467,7 +507,7 @@ def _finish(ckpt: Checkpoint, out: Path, work: Work, settings: Settings, state: 
         routed = [r["routed_tokens"] for r in state["layers"]]
         report["expert_coverage"] = {"min_routed_tokens": min(min(r) for r in routed),
                                      "experts_without_routed_tokens": sum(c == 0 for r in routed for c in r),
-                                     "expert_statistics": EXPERT_STATISTICS.get(settings.method)}
+                                     "expert_statistics": EXPERT_STATISTICS.get(settings.engine)}
     layer_files.clear()
     report["seconds"] = round(time.perf_counter() - started, 3)
     write_json(final / "report.json", published(report))

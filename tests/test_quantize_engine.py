@@ -284,15 +284,15 @@ def test_resume_is_byte_identical(tmp_path, mixtral, blocks, monkeypatch):
     assert not (tmp_path / ".resumed.mixq-partial").exists()
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_resume_from_a_checkpoint_every_two_layers_is_byte_identical(tmp_path, method, monkeypatch):
+@pytest.mark.parametrize("method, gptaq", [("gptq", False), ("awq", False), ("gptq", True)])
+def test_resume_from_a_checkpoint_every_two_layers_is_byte_identical(tmp_path, method, gptaq, monkeypatch):
     """Layers are written behind the compute and the resume checkpoint only every second layer: a crash while the
     fourth layer is written leaves the progress of the second, and the resumed run redoes the third and fourth to
-    the same bytes as a run that checkpointed every layer."""
+    the same bytes as a run that checkpointed every layer (GPTAQ: both hidden-state streams saved and restored)."""
     model = tiny_hf(tmp_path / "m", layers=4)
     four = prepare(model, "kjv", samples=4, seqlen=32)
     fmt = FORMATS[method]
-    settings = Settings(method=method, scheme=fmt.scheme(4, 128, method == "gptq"), fmt=method)
+    settings = Settings(method=method, scheme=fmt.scheme(4, 128, method == "gptq"), fmt=method, gptaq=gptaq)
     quantize_model(model, tmp_path / "whole", settings, four)
     import mixq.quantize.runner as runner
     real, saved = runner._write_layer, []

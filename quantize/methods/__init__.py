@@ -1,5 +1,6 @@
 """The quantization methods, one module each, every one a `quantize_layer(ctx) -> {module: QuantizedWeight}` over
-the layer context the engine hands it (runner.LayerContext): round-to-nearest, GPTQ and AWQ."""
+the layer context the engine hands it (runner.LayerContext): round-to-nearest, GPTQ, AWQ, and AWQ's scales with
+GPTQ's solve (awq_gptq, runner.Settings.engine)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import importlib
 
 from mixq.convert.errors import MixqError
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "awq_gptq")
 
 
 def layer_method(name: str):

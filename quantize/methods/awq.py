@@ -24,6 +24,13 @@ UNCLIPPED = ("self_attn.q_proj", "self_attn.k_proj")   # AutoAWQ: q and k feed a
 
 
 def quantize_layer(ctx) -> dict:
+    smooth(ctx)
+    return {module: rtn(ctx.w(module), ctx.settings.scheme) for module in plan(ctx.spec).modules}
+
+
+def smooth(ctx) -> None:
+    """AWQ up to its last step: the scales searched and folded into `ctx.weights`, the weights clipped; what is
+    left is to quantize them (round-to-nearest here, GPTQ's solve for --awq-gptq)."""
     s, spec, w = ctx.settings, ctx.spec, ctx.weights
     layer_plan = plan(spec)
     eps, device = spec.rms_norm_eps, ctx.device
@@ -81,4 +88,3 @@ def quantize_layer(ctx) -> dict:
                     grams[lin.reads] = group_gram(seen[lin.reads], s.scheme.group_size)
                 w[f"{lin.module}.weight"] = clip(w[f"{lin.module}.weight"], grams[lin.reads], s.scheme)
     ctx.stats["awq_scale_ratio"] = {k: round(float(v.max() / v.min()), 3) for k, v in scales.items()}
-    return {module: rtn(w[f"{module}.weight"], s.scheme) for module in layer_plan.modules}
