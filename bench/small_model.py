@@ -1,7 +1,9 @@
-"""mixq beside the tools users compare it with, on the real SmolLM2-135M (CPU is fine): the same model, the same
-calibration tokens (King James Bible), the same evaluation windows (Shakespeare); seconds to quantize and the
-perplexity of each repository, all read back and evaluated by the same code. Round-to-nearest at the same settings is
-the baseline each method is measured against. Group size 64: SmolLM2's hidden size 576 is not a multiple of 128.
+"""mixq's methods and options beside the tools users compare them with, on the real SmolLM2-135M (CPU is fine): one
+table of seconds to quantize, perplexity, its increase over the original, that increase as a share of round-to-
+nearest's at the same bits, group and symmetry, and the KL divergence to the original, every repository read back
+and evaluated by the same code on the same windows, every tool calibrated on the same tokens. Each pair of texts
+(calibration:evaluation, disjoint) is a table of its own: a ranking that holds on one pair only is luck. Group size
+64: SmolLM2's hidden size 576 is not a multiple of 128.
 
 - awq: mixq AWQ vs AutoAWQ 0.2.9 (zero point, GEMM). AutoAWQ needs transformers 4.51.3: its wheels come from a copy of
   shared/anchors (`--anchors DIR`) and are installed into a throw-away target. Its CPU path has a defect unrelated to
@@ -11,7 +13,8 @@ the baseline each method is measured against. Group size 64: SmolLM2's hidden si
   algorithms are compared; `--autoawq-as-is` runs it unchanged.
 - gptq: mixq GPTQ (its defaults: act-order with static groups, damp 0.01) vs GPTQModel 7.6.0 (its defaults:
   group-aware act-order, damp 0.05), symmetric; GPTQModel is the `test` extra of this environment.
-Usage: python bench/small_model.py [--methods awq gptq] [--anchors DIR] [--awq-calib 8x256] [--gptq-calib 16x512]
+Usage: python bench/small_model.py [--methods awq gptq] [--anchors DIR] [--calib 16x512]
+                                   [--pairs kjv:shakespeare shakespeare:kjv] [--options ...]
 """
 
 from __future__ import annotations
@@ -77,14 +80,29 @@ def run_child(code: str, argv: list[str], env: dict, name: str, cwd: Path) -> fl
     return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
 
 
+# the mixq rows of each method, after its round-to-nearest baseline: label -> Settings overrides
+OPTIONS = {
+    "gptq": {"gptq": {}, "gptq --search mse": {"search": "mse"}, "gptq --gptaq": {"gptaq": True},
+             "gptq --search mse --gptaq": {"search": "mse", "gptaq": True}, "gptq --awq-gptq": {"awq_gptq": True},
+             "gptq --awq-gptq --search mse": {"awq_gptq": True, "search": "mse"}},
+    "awq": {"awq": {}, "awq --search mse": {"search": "mse"}, "awq --awq-gptq": {"awq_gptq": True},
+            "awq --awq-gptq --gptaq": {"awq_gptq": True, "gptaq": True},
+            "awq --awq-gptq --search mse": {"awq_gptq": True, "search": "mse"}},
+}
+SYMMETRIC = {"gptq": True, "awq": False}   # each format's default: vLLM reads GPTQ sym and AWQ with zero points
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="*", choices=["awq", "gptq"], default=["awq", "gptq"])
+    ap.add_argument("--methods", nargs="*", choices=list(OPTIONS), default=list(OPTIONS))
+    ap.add_argument("--options", nargs="*", default=None, help="mixq rows to run (labels of OPTIONS; default all)")
+    ap.add_argument("--pairs", nargs="*", default=["kjv:shakespeare", "shakespeare:kjv"],
+                    help="CALIBRATION:EVALUATION text pairs, one table each")
     ap.add_argument("--anchors", type=Path, default=None, help="a copy of shared/anchors (AutoAWQ's wheels)")
-    ap.add_argument("--awq-calib", default="8x256", help="SAMPLESxSEQLEN")
-    ap.add_argument("--gptq-calib", default="16x512", help="SAMPLESxSEQLEN")
+    ap.add_argument("--no-anchors", action="store_true", help="mixq's rows only (no GPTQModel, no AutoAWQ)")
+    ap.add_argument("--calib", default="16x512", help="SAMPLESxSEQLEN, the same tokens for every tool")
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--eval-windows", type=int, default=8, help="512-token Shakespeare windows")
+    ap.add_argument("--eval-windows", type=int, default=8, help="512-token evaluation windows")
     ap.add_argument("--autoawq-as-is", action="store_true", help="do not fix AutoAWQ's CPU weight-restore defect")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache/bench-small-model")
     args = ap.parse_args()
@@ -101,62 +119,76 @@ def main() -> None:
     progress.set_quiet(True)
 
     smol = smollm2_hf("f32")
+    original = open_checkpoint(smol)
     tokenizer = load_tokenizer(smol)
-    ids, _ = evaluation_ids(tokenizer, "shakespeare")
-    windows = make_windows(ids, 512, max_tokens=args.eval_windows * 512)
+    samples, seqlen = map(int, args.calib.split("x"))
     args.work.mkdir(parents=True, exist_ok=True)
-    base = perplexity(open_checkpoint(smol), windows)["perplexity"]
-    results = {"unquantized": {"perplexity": base}}
-
-    def measure(label: str, out: Path, make) -> None:
-        """`make(out)` writes the repository and returns its own quantize seconds, or None to time it whole."""
-        shutil.rmtree(out, ignore_errors=True)
-        t = time.perf_counter()
-        seconds = make(out)
-        results[label] = {"seconds": seconds if seconds is not None else time.perf_counter() - t,
-                          "perplexity": perplexity(read_quantized(out), windows)["perplexity"]}
-
-    def mixq(settings, blocks=None):
-        return lambda out: quantize_model(smol, out, settings, blocks) and None
-
-    def child(code: str, name: str, env: dict, calib_file: Path, *extra: str):
-        return lambda out: run_child(code, [str(smol), str(out), str(calib_file), str(args.group_size), *extra],
-                                     env, name, args.work)
-
-    for method in args.methods:
-        samples, seqlen = map(int, getattr(args, f"{method}_calib").split("x"))
-        blocks = prepare(smol, "kjv", samples=samples, seqlen=seqlen, seed=0, tokenizer=tokenizer)
-        calib_file = args.work / f"calib-{method}.json"
+    tables = {}
+    for pair in args.pairs:
+        calib, evaluation = pair.split(":")
+        ids, _ = evaluation_ids(tokenizer, evaluation)
+        windows = make_windows(ids, 512, max_tokens=args.eval_windows * 512)
+        blocks = prepare(smol, calib, samples=samples, seqlen=seqlen, seed=0, tokenizer=tokenizer)
+        calib_file = args.work / "calib.json"
         calib_file.write_text(json.dumps(blocks.tokens.tolist()))
-        scheme = FORMATS[method].scheme(4, args.group_size, method == "gptq")
-        tag = f"{method} {samples}x{seqlen}"
-        measure(f"{tag} round-to-nearest", args.work / f"{method}-rtn",
-                mixq(Settings(method="rtn", scheme=scheme, fmt=method)))
-        measure(f"{tag} mixq", args.work / f"{method}-mixq", mixq(Settings(method=method, scheme=scheme, fmt=method),
-                                                                 blocks))
-        if method == "gptq":
-            env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(os.cpu_count()), "HF_HUB_OFFLINE": "1"}
-            measure(f"{tag} gptqmodel 7.6.0", args.work / "gptq-gptqmodel",
-                    child(GPTQMODEL, "GPTQModel", env, calib_file))
-        elif args.anchors:
-            mode = "as-is" if args.autoawq_as_is else "CPU restore fixed"
-            measure(f"{tag} autoawq 0.2.9 ({mode})", args.work / "awq-autoawq",
-                    child(AUTOAWQ, "AutoAWQ", anchor_env(args.anchors, "autoawq"), calib_file, mode))
-        else:
-            print("AutoAWQ skipped: pass --anchors DIR (a copy of shared/anchors)", file=sys.stderr)
+        base = perplexity(original, windows)["perplexity"]
+        rows = tables[pair] = {"unquantized": {"perplexity": base, "kl": 0.0}}
 
-    print(f"SmolLM2-135M, 4-bit group {args.group_size}, calibration KJV, evaluation Shakespeare "
-          f"{windows.tokens.shape[0]}x512 windows. increase: over the unquantized model; of RTN: that increase as a "
-          "share of round-to-nearest's at the same settings")
-    print(f"{'':42} {'seconds':>8} {'perplexity':>11} {'increase':>9} {'of RTN':>7}")
-    for label, r in results.items():
-        rtn = next((v for k, v in results.items() if k.endswith("round-to-nearest") and
-                    k.split()[:2] == label.split()[:2]), None)
+        def measure(label: str, make) -> None:
+            """`make(out)` writes the repository and returns its own quantize seconds, or None to time it whole."""
+            out = args.work / "repo"
+            shutil.rmtree(out, ignore_errors=True)
+            t = time.perf_counter()
+            seconds = make(out)
+            r = perplexity(read_quantized(out), windows, reference=original)
+            rows[label] = {"seconds": seconds if seconds is not None else time.perf_counter() - t,
+                           "perplexity": r["perplexity"], "kl": r["kl"], "family": label.split()[0]}
+            shutil.rmtree(out, ignore_errors=True)
+
+        def child(code: str, name: str, env: dict, *extra: str):
+            return lambda out: run_child(code, [str(smol), str(out), str(calib_file), str(args.group_size), *extra],
+                                         env, name, args.work)
+
+        for method in args.methods:
+            scheme = FORMATS[method].scheme(4, args.group_size, SYMMETRIC[method])
+            measure(f"{method} round-to-nearest", lambda out: quantize_model(
+                smol, out, Settings(method="rtn", scheme=scheme, fmt=method)) and None)
+            for label, overrides in OPTIONS[method].items():
+                if args.options is None or label in args.options:
+                    search = overrides.get("search", "minmax")
+                    settings = Settings(method=method, scheme=FORMATS[method].scheme(4, args.group_size,
+                                                                                     SYMMETRIC[method], search),
+                                        fmt=method, **{k: v for k, v in overrides.items() if k != "search"})
+                    measure(label, lambda out, s=settings: quantize_model(smol, out, s, blocks) and None)
+            if args.no_anchors:
+                continue
+            if method == "gptq":
+                env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(os.cpu_count()), "HF_HUB_OFFLINE": "1"}
+                measure("gptq: GPTQModel 7.6.0", child(GPTQMODEL, "GPTQModel", env))
+            elif args.anchors:
+                mode = "as-is" if args.autoawq_as_is else "CPU restore fixed"
+                measure(f"awq: AutoAWQ 0.2.9 ({mode})", child(AUTOAWQ, "AutoAWQ", anchor_env(args.anchors, "autoawq"),
+                                                             mode))
+            else:
+                print("AutoAWQ skipped: pass --anchors DIR (a copy of shared/anchors)", file=sys.stderr)
+        print_table(pair, rows, samples, seqlen, windows.tokens.shape[0], args.group_size)
+    (args.work / "results.json").write_text(json.dumps(tables, indent=2))
+
+
+def print_table(pair: str, rows: dict, samples: int, seqlen: int, windows: int, group: int) -> None:
+    calib, evaluation = pair.split(":")
+    base = rows["unquantized"]["perplexity"]
+    print(f"\nSmolLM2-135M, 4-bit group {group}: calibration {calib} {samples}x{seqlen}, evaluation {evaluation} "
+          f"{windows}x512. increase: over the original; of RTN: that increase as a share of round-to-nearest's "
+          "(GPTQ rows: symmetric; AWQ rows: zero point); KL: mean per token, nats")
+    print(f"{'':34} {'seconds':>8} {'perplexity':>11} {'increase':>9} {'of RTN':>7} {'KL':>7}")
+    for label, r in rows.items():
+        family = r.get("family", "").rstrip(":")
+        rtn = rows.get(f"{family} round-to-nearest")
         seconds = f"{r['seconds']:8.1f}" if "seconds" in r else f"{'-':>8}"
         share = (f"{(r['perplexity'] - base) / (rtn['perplexity'] - base):7.0%}" if rtn and rtn is not r
                  else f"{'-':>7}")
-        print(f"{label:42} {seconds} {r['perplexity']:11.3f} {(r['perplexity'] - base) / base:9.2%} {share}")
-    (args.work / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"{label:34} {seconds} {r['perplexity']:11.3f} {r['perplexity'] - base:9.3f} {share} {r['kl']:7.4f}")
 
 
 if __name__ == "__main__":
