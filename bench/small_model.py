@@ -83,10 +83,15 @@ def run_child(code: str, argv: list[str], env: dict, name: str, cwd: Path) -> fl
 # the mixq rows of each method, after its round-to-nearest baseline: label -> Settings overrides
 OPTIONS = {
     "gptq": {"gptq": {}, "gptq --search mse": {"search": "mse"}, "gptq --gptaq": {"gptaq": True},
-             "gptq --search mse --gptaq": {"search": "mse", "gptaq": True}, "gptq --awq-gptq": {"awq_gptq": True},
+             "gptq --search mse --gptaq": {"search": "mse", "gptaq": True},
+             "gptq --refit": {"refit": True}, "gptq --search mse --refit": {"search": "mse", "refit": True},
+             "gptq --search mse --gptaq --refit": {"search": "mse", "gptaq": True, "refit": True},
+             "gptq --awq-gptq": {"awq_gptq": True},
              "gptq --awq-gptq --search mse": {"awq_gptq": True, "search": "mse"}},
     "awq": {"awq": {}, "awq --search mse": {"search": "mse"}, "awq --awq-gptq": {"awq_gptq": True},
             "awq --awq-gptq --gptaq": {"awq_gptq": True, "gptaq": True},
+            "awq --awq-gptq --refit": {"awq_gptq": True, "refit": True},
+            "awq --awq-gptq --gptaq --refit": {"awq_gptq": True, "gptaq": True, "refit": True},
             "awq --awq-gptq --search mse": {"awq_gptq": True, "search": "mse"}},
 }
 SYMMETRIC = {"gptq": True, "awq": False}   # each format's default: vLLM reads GPTQ sym and AWQ with zero points

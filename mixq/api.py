@@ -22,9 +22,9 @@ QUANTIZE_METHODS = ("awq", "gptq", "rtn")
 # the options of each method beyond the shared ones, with their defaults (the CLI's)
 METHOD_OPTIONS = {
     "gptq": {"sym": True, "damp": 0.01, "act_order": True, "static_groups": None, "true_sequential": True,
-             "awq_gptq": False, "gptaq": False},
+             "awq_gptq": False, "gptaq": False, "refit": False},
     "awq": {"zero_point": True, "grid": 20, "clip": True, "duo_scaling": True, "router_scaling": True,
-            "awq_gptq": False, "gptaq": False},
+            "awq_gptq": False, "gptaq": False, "refit": False},
     "rtn": {"format": "gptq", "sym": None},
 }
 
@@ -168,7 +168,8 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
 
     `options` are the method's own (METHOD_OPTIONS: gptq sym, damp, act_order, static_groups, true_sequential;
     awq zero_point, grid, clip, duo_scaling, router_scaling; both awq_gptq, AWQ's scales then GPTQ's solve, with
-    the other method's defaults, and gptaq, GPTQ's solve against the unquantized model's inputs too; rtn format,
+    the other method's defaults, gptaq, GPTQ's solve against the unquantized model's inputs too, and refit, GPTQ's
+    group scales solved again for the codes it chose; rtn format,
     sym). `check`: True, or a dict of
     `check()`'s keyword arguments, runs the check against `model` afterwards and adds it to the report (the
     evaluation text is resolved before any work). `device_memory`: as check()'s, for the quantization (the
@@ -201,12 +202,12 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
         sym = o["sym"]
         extra = {"damp": o["damp"], "act_order": o["act_order"], "true_sequential": o["true_sequential"],
                  "static_groups": o["act_order"] if o["static_groups"] is None else o["static_groups"],
-                 "awq_gptq": o["awq_gptq"], "gptaq": o["gptaq"]}
+                 "awq_gptq": o["awq_gptq"], "gptaq": o["gptaq"], "refit": o["refit"]}
     elif method == "awq":
         sym = not o["zero_point"]
         extra = {"grid": o["grid"], "clip": o["clip"], "duo_scaling": o["duo_scaling"],
                  "scale_router": o["router_scaling"], "awq_gptq": o["awq_gptq"],
-                 "gptaq": o["gptaq"]}
+                 "gptaq": o["gptaq"], "refit": o["refit"]}
     else:  # round-to-nearest: symmetric for GPTQ's consumers, zero point for AWQ's, unless told
         sym = fmt.name == "gptq" if o["sym"] is None else o["sym"]
     settings = Settings(method=method, scheme=fmt.scheme(bits, group_size, sym, search), fmt=fmt.name,

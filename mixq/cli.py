@@ -344,6 +344,9 @@ AWQ_GPTQ_HELP = ("AWQ's scales and clipping folded into each layer, then GPTQ's 
 GPTAQ_HELP = ("GPTAQ's asymmetric calibration: GPTQ fits the unquantized model's outputs from the quantized model's "
               "inputs (the unquantized hidden states are carried beside the quantized ones: their memory twice).")
 
+REFIT_HELP = ("Solve each group's scale again once GPTQ has chosen all its codes, by GPTQ's own H-weighted loss "
+              "(the H and weight of each matrix kept meanwhile: about one more of each in memory).")
+
 
 @main.group("quantize")
 def quantize_group():
@@ -383,12 +386,14 @@ def quantize_rtn(model, out, fmt, sym, **kwargs):
               help="Calibrate each stage of a layer on the outputs of the stages already quantized.")
 @click.option("--awq-gptq", is_flag=True, help=AWQ_GPTQ_HELP)
 @click.option("--gptaq", is_flag=True, help=GPTAQ_HELP)
+@click.option("--refit", is_flag=True, help=REFIT_HELP)
 @command
-def quantize_gptq(model, out, sym, damp, act_order, static_groups, true_sequential, awq_gptq, gptaq, **kwargs):
+def quantize_gptq(model, out, sym, damp, act_order, static_groups, true_sequential, awq_gptq, gptaq, refit,
+                  **kwargs):
     """GPTQ, 4-bit group 128 by default, written in the GPTQ v1 format vLLM, TGI and transformers load."""
     return _run_quantize("gptq", model, out, kwargs, sym=sym, damp=damp, act_order=act_order,
                          static_groups=static_groups, true_sequential=true_sequential, awq_gptq=awq_gptq,
-                         gptaq=gptaq)
+                         gptaq=gptaq, refit=refit)
 
 
 @quantize_group.command("awq")
@@ -409,13 +414,14 @@ def quantize_gptq(model, out, sym, damp, act_order, static_groups, true_sequenti
               help="Leave the MoE router reading the rescaled norm, as AutoAWQ does (for comparison only).")
 @click.option("--awq-gptq", is_flag=True, help=AWQ_GPTQ_HELP)
 @click.option("--gptaq", is_flag=True, help=GPTAQ_HELP + " Needs --awq-gptq.")
+@click.option("--refit", is_flag=True, help=REFIT_HELP + " Needs --awq-gptq.")
 @command
 def quantize_awq(model, out, zero_point, packing, grid, no_clip, duo_scaling, no_router_scaling, awq_gptq, gptaq,
-                 **kwargs):
+                 refit, **kwargs):
     """AWQ, 4-bit group 128 GEMM by default (AutoAWQ's settings), the MoE router rescaled with its experts."""
     return _run_quantize("awq", model, out, kwargs, zero_point=zero_point, grid=grid, clip=not no_clip,
                          duo_scaling=duo_scaling, router_scaling=not no_router_scaling, awq_gptq=awq_gptq,
-                         gptaq=gptaq)
+                         gptaq=gptaq, refit=refit)
 
 
 # ---- publishing ---------------------------------------------------------------------------------------------

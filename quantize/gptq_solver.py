@@ -115,6 +115,7 @@ def inverse_cholesky(h: torch.Tensor, order: torch.Tensor, damp: float, out: tor
     raise MixqError(f"{name}: the Hessian is not positive definite even with damping 1.0")
 
 
+REFIT_BYTES = 2 ** 28   # refit_scales' temporaries at once
 SUB = 16   # columns whose errors are spread element by element before one product spreads them on
 
 
@@ -128,9 +129,11 @@ class Sweep:
     gets the same codes whether it is swept alone or with others (a test holds the batched path to that)."""
 
     def __init__(self, count: int, shape: tuple[int, int], scheme: Scheme, device, damp: float = 0.01,
-                 act_order: bool = False, static_groups: bool = False, block_size: int = 128):
+                 act_order: bool = False, static_groups: bool = False, block_size: int = 128, refit: bool = False):
         rows, cols = shape
         self.scheme, self.damp, self.act_order, self.static_groups = scheme, damp, act_order, static_groups
+        self.kept = (torch.empty(count, rows, cols, device=device), torch.empty(count, cols, cols, device=device)
+                     ) if refit else None
         self.block_size = max(block_size, scheme.group_size) // scheme.group_size * scheme.group_size
         self.w = torch.empty(count, rows, cols, dtype=torch.float32, device=device)
         self.hinv = torch.empty(count, cols, cols, dtype=torch.float32, device=device)
@@ -170,14 +173,21 @@ class Sweep:
         if self.perm is not None:
             order = torch.argsort(torch.diag(h), descending=True)
             self.perm[i] = order
+        if self.kept is not None:
+            self.kept[1][i] = h
         damp = inverse_cholesky(h, order, self.damp, self.hinv[i], name)
         self.damps.append(damp)
+        if self.kept is not None:
+            kept_h = self.kept[1][i]
+            kept_h.diagonal().add_(damp * torch.mean(torch.diag(kept_h)))
         if drift is not None:   # in the swept order, H'^-1 = U^T U with U the factor just made
             u = self.hinv[i]
             wp = w[:, order]
             wp += GPTAQ_ALPHA * (wp @ drift[order][:, order].T @ u.T @ u)
             w[:, order] = wp
             del drift, wp
+        if self.kept is not None:
+            self.kept[0][i] = w
         if self.static is not None:  # parameters of each group from the weights before any update, in column order
             scale, zero = group_params(w.reshape(rows * (cols // group), group), self.scheme)
             self.static[0][i], self.static[1][i] = scale.view(rows, -1), zero.view(rows, -1)
@@ -245,9 +255,13 @@ class Sweep:
             g_idx = g_idx.expand(n, -1) if self.static is not None else g_idx[inverse]   # dynamic: column order's
         else:
             g_idx = g_idx.expand(n, -1)
-        return [GPTQResult(QuantizedWeight(q=q[b], scales=scales[b].half(), zeros=zeros[b].to(torch.int32),
-                                           g_idx=g_idx[b].to(torch.int32)), losses[b], self.damps[b])
-                for b in range(n)]
+        results = [GPTQResult(QuantizedWeight(q=q[b], scales=scales[b].half(), zeros=zeros[b].to(torch.int32),
+                                              g_idx=g_idx[b].to(torch.int32)), losses[b], self.damps[b])
+                   for b in range(n)]
+        if self.kept is not None:
+            for b, r in enumerate(results):
+                r.weight = refit_scales(r.weight, self.kept[0][b], self.kept[1][b], scheme)
+        return results
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, damp: float = 0.01,
@@ -257,3 +271,42 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
     sweep = Sweep(1, tuple(weight.shape), scheme, weight.device, damp, act_order, static_groups, block_size)
     sweep.add(weight, hessian.float().clone(), name)
     return sweep.solve()[0]
+
+
+def refit_scales(qw: QuantizedWeight, target: torch.Tensor, h: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
+    """The group scales that, with the codes and zeros GPTQ chose kept, minimise its own loss
+    (W - Q) H (W - Q)^T row by row: Q = A s per row, A's column k being (q_k - z) in its group's slot, so s solves
+    the normal equations (A^T H A) s = A^T H w, a system of groups x groups per row. GPTQ picks each group's scale
+    before the errors of the columns after it have moved them; solved once all codes are known, the scales fit the
+    codes as they ended. A row keeps its old scales where the fp16-rounded solution does not lower that loss.
+
+    Cost: rows x cols^2 multiply-adds (one product per group), REFIT_BYTES of temporaries a chunk of rows at a
+    time; the working set beyond that is the target weight and H, which the sweep keeps for it."""
+    rows, cols = target.shape
+    group = scheme.group_size
+    groups = cols // group
+    order = torch.argsort(qw.g_idx.long(), stable=True).to(target.device)   # each group's columns contiguous
+    hp = h.float()[order][:, order]
+    zeros_at = qw.g_idx.long().to(target.device)
+    chunk = max(1, REFIT_BYTES // (4 * (2 * cols + groups * groups)))
+    scales = []
+    for r0 in range(0, rows, chunk):
+        r = slice(r0, min(r0 + chunk, rows))
+        a = (qw.q[r].float() - qw.zeros[r].float()[:, zeros_at])[:, order]
+        n = a.shape[0]
+        m = torch.empty(n, groups, groups, dtype=torch.float32, device=a.device)
+        for g in range(groups):
+            cols_g = slice(g * group, (g + 1) * group)
+            m[:, g] = (a[:, cols_g] @ hp[cols_g]).mul_(a).view(n, groups, group).sum(-1)
+        b = (target[r].float()[:, order] @ hp).mul_(a).view(n, groups, group).sum(-1)
+        del a
+        old = qw.scales[r].float()
+        new, info = torch.linalg.solve_ex(m, b[..., None])
+        new = new[..., 0]
+        new = torch.where(torch.isfinite(new) & (new > 0) & (info[:, None] == 0), new, old).half().float()
+
+        def loss(s):   # s^T M s - 2 b^T s: the loss up to the constant w^T H w
+            return (s[:, None, :] @ m @ s[..., None])[:, 0, 0] - 2 * (b * s).sum(-1)
+
+        scales.append(torch.where((loss(new) < loss(old))[:, None], new, old).half())
+    return QuantizedWeight(q=qw.q, scales=torch.cat(scales), zeros=qw.zeros, g_idx=qw.g_idx)

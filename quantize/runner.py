@@ -34,6 +34,7 @@ from .background import Ahead, Behind
 from .device import compute_dtype, pick_device
 from .formats import Format, get_format
 from .forward import Rotary, decoder_layer
+from .gptq_solver import REFIT_BYTES
 from .memory import Budget, activation_bytes, host_memory_to_spare, tensor_bytes
 from .methods import layer_method
 from .quantizer import SEARCHES, QuantizedWeight, Scheme
@@ -66,6 +67,7 @@ class Settings:
     scale_router: bool = True
     awq_gptq: bool = False               # AWQ's scales, then GPTQ's solve (methods/awq_gptq.py), either format
     gptaq: bool = False                  # GPTQ against the unquantized model's inputs too (gptq_solver.Sweep.add)
+    refit: bool = False                  # GPTQ's group scales refit to its codes (gptq_solver.refit_scales)
     device: str = "auto"
     dtype: str = "auto"
     batch: int = 8                       # calibration samples per forward chunk
@@ -154,6 +156,8 @@ def validate(spec: ModelSpec, settings: Settings) -> None:
         raise MixqError(f"unknown expert naming {settings.expert_naming!r} (choose from {', '.join(EXPERT_NAMINGS)})")
     if settings.gptaq and settings.engine not in ("gptq", "awq_gptq"):
         raise MixqError("--gptaq calibrates GPTQ's solve: AWQ needs --awq-gptq with it")
+    if settings.refit and settings.engine not in ("gptq", "awq_gptq"):
+        raise MixqError("--refit refits GPTQ's scales: AWQ needs --awq-gptq with it")
     if "g_idx" not in fmt.suffixes and settings.engine != "awq" and settings.act_order and not settings.static_groups:
         raise MixqError(f"--act-order without static groups: the {fmt.title} format has no g_idx to hold its "
                         "column order")
@@ -184,6 +188,10 @@ def layer_working_set(spec: ModelSpec, settings: Settings, dtype: torch.dtype, s
         widest = max(lin.shape[1] for lin in layer_plan.linears)
         # H, its factor and their scratch; GPTAQ also the cross products and the drift made of them
         solver = (4 + (2 if settings.reference_stream else 0)) * widest * widest * 4
+        if settings.refit:   # the swept weight and its H kept for the refit, and its temporaries
+            largest = max(sum(layer_plan.shape(m)[0] for m in mods) * layer_plan.shape(mods[0])[1]
+                          for mods in layer_plan.groups.values())
+            solver += widest * widest * 4 + largest * 4 + REFIT_BYTES
     if settings.engine in ("awq", "awq_gptq"):   # one after the other: the larger of the two
         group = max(sum(math.prod(layer_plan.shape(m)) for m in g.linears) for g in layer_plan.smoothings)
         solver = max(solver, group * (4 + dtype.itemsize))
@@ -192,9 +200,10 @@ def layer_working_set(spec: ModelSpec, settings: Settings, dtype: torch.dtype, s
 
 def sweep_matrix_bytes(spec: ModelSpec, settings: Settings) -> int:
     """What one more expert matrix in a GPTQ sweep costs: its weight in fp32, its codes, its inverse-Hessian
-    factor and its static groups' parameters."""
+    factor and its static groups' parameters; with --refit its weight and H again."""
     rows, cols = plan(spec).shape(expert_modules(0)[2]) if spec.is_moe else (0, 0)
-    return rows * cols * 5 + cols * cols * 4 + 2 * rows * (cols // settings.scheme.group_size) * 4
+    kept = (rows * cols + cols * cols) * 4 if settings.refit else 0
+    return rows * cols * 5 + cols * cols * 4 + 2 * rows * (cols // settings.scheme.group_size) * 4 + kept
 
 
 def plan_memory(spec: ModelSpec, settings: Settings, blocks, device: torch.device, dtype: torch.dtype,

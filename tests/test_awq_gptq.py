@@ -75,12 +75,16 @@ def test_awq_format_refuses_a_column_order_it_cannot_hold(tmp_path, mixtral, blo
 def test_cli_flags_on_both_commands(cli, tmp_path, mixtral):
     for method in ("gptq", "awq"):
         out = tmp_path / method
-        result = cli("quantize", method, mixtral, out, "--awq-gptq", "--gptaq", "--samples", 2, "--seqlen", 32,
-                     "--json")
+        result = cli("quantize", method, mixtral, out, "--awq-gptq", "--gptaq", "--refit", "--samples", 2,
+                     "--seqlen", 32, "--json")
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
-        assert report["settings"]["awq_gptq"] is report["settings"]["gptaq"] is True and report["format"] == method
+        assert report["settings"]["awq_gptq"] is report["settings"]["gptaq"] is report["settings"]["refit"] is True
+        assert report["format"] == method
     assert cli("quantize", "rtn", mixtral, tmp_path / "rtn", "--awq-gptq").exit_code == 2
     result = cli("quantize", "awq", mixtral, tmp_path / "awq-alone", "--gptaq", "--samples", 2, "--seqlen", 32)
     assert result.exit_code == 1 and "--gptaq calibrates GPTQ's solve: AWQ needs --awq-gptq with it" in result.stderr
+    assert not (tmp_path / "awq-alone").exists()
+    result = cli("quantize", "awq", mixtral, tmp_path / "awq-alone", "--refit", "--samples", 2, "--seqlen", 32)
+    assert result.exit_code == 1 and "--refit refits GPTQ's scales: AWQ needs --awq-gptq with it" in result.stderr
     assert not (tmp_path / "awq-alone").exists()

@@ -29,7 +29,7 @@ def quantize_layer(ctx) -> dict:
     def sweep(count: int, modules) -> Sweep:
         rows = sum(layer_plan.shape(m)[0] for m in modules)
         return Sweep(count, (rows, layer_plan.shape(modules[0])[1]), s.scheme, ctx.device, s.damp, s.act_order,
-                     s.static_groups, s.block_size)
+                     s.static_groups, s.block_size, s.refit)
 
     def add(batch: Sweep, modules, hessian: Hessian) -> None:
         """Rows are independent given H: linears that share one input are one matrix, split when solved."""

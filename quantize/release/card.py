@@ -198,7 +198,7 @@ def _details(report: dict) -> list[str]:
         return []
     s = report.get("settings", {})
     keys = ("method", "format", "expert_naming", "damp", "act_order", "static_groups", "true_sequential", "grid",
-            "clip", "duo_scaling", "scale_router", "awq_gptq", "gptaq")
+            "clip", "duo_scaling", "scale_router", "awq_gptq", "gptaq", "refit")
     rows = [f"| {k} | {report.get(k, s.get(k))} |" for k in keys if report.get(k, s.get(k)) is not None]
     lines = ["## Quantization details", "", "| setting | value |", "|---|---|", *rows,
              f"| scheme | {s.get('scheme')} |", f"| time | {report.get('seconds')} s |", ""]
