@@ -126,7 +126,8 @@ class Sweep:
     `add` prepares one matrix (dead columns, the static groups' parameters, the act-order permutation, the damped
     inverse Cholesky factor, raising the damping until H is positive definite) and frees its Hessian; `solve` runs
     the column loop on all of them at once. Every step is elementwise or a matrix product per matrix, so a matrix
-    gets the same codes whether it is swept alone or with others (a test holds the batched path to that)."""
+    gets the same codes whether it is swept alone or with others (a test holds the batched path to that). With
+    `refit` each matrix's weight and damped H are kept until `solve` has its codes, for refit_scales."""
 
     def __init__(self, count: int, shape: tuple[int, int], scheme: Scheme, device, damp: float = 0.01,
                  act_order: bool = False, static_groups: bool = False, block_size: int = 128, refit: bool = False):
