@@ -174,13 +174,13 @@ class Sweep:
         if self.perm is not None:
             order = torch.argsort(torch.diag(h), descending=True)
             self.perm[i] = order
-        if self.kept is not None:
+        if self.kept is not None:   # H as inverted: inverse_cholesky damps its own copy by damp x mean diagonal
             self.kept[1][i] = h
+            mean_diag = torch.mean(torch.diag(h))
         damp = inverse_cholesky(h, order, self.damp, self.hinv[i], name)
         self.damps.append(damp)
         if self.kept is not None:
-            kept_h = self.kept[1][i]
-            kept_h.diagonal().add_(damp * torch.mean(torch.diag(kept_h)))
+            self.kept[1][i].diagonal().add_(damp * mean_diag)
         if drift is not None:   # in the swept order, H'^-1 = U^T U with U the factor just made
             u = self.hinv[i]
             wp = w[:, order]
@@ -286,9 +286,9 @@ def refit_scales(qw: QuantizedWeight, target: torch.Tensor, h: torch.Tensor, sch
     rows, cols = target.shape
     group = scheme.group_size
     groups = cols // group
-    order = torch.argsort(qw.g_idx.long(), stable=True).to(target.device)   # each group's columns contiguous
-    hp = h.float()[order][:, order]
     zeros_at = qw.g_idx.long().to(target.device)
+    order = torch.argsort(zeros_at, stable=True)   # each group's columns contiguous
+    hp = h.float()[order][:, order]
     chunk = max(1, REFIT_BYTES // (4 * (2 * cols + groups * groups)))
     scales = []
     for r0 in range(0, rows, chunk):

@@ -154,16 +154,19 @@ def validate(spec: ModelSpec, settings: Settings) -> None:
         raise MixqError(f"--search {scheme.search}: unknown (choose from {', '.join(SEARCHES)})")
     if settings.expert_naming not in EXPERT_NAMINGS:
         raise MixqError(f"unknown expert naming {settings.expert_naming!r} (choose from {', '.join(EXPERT_NAMINGS)})")
-    if settings.gptaq and settings.engine not in ("gptq", "awq_gptq"):
-        raise MixqError("--gptaq calibrates GPTQ's solve: AWQ needs --awq-gptq with it")
-    if settings.refit and settings.engine not in ("gptq", "awq_gptq"):
-        raise MixqError("--refit refits GPTQ's scales: AWQ needs --awq-gptq with it")
+    for option, what in GPTQ_OPTIONS.items():
+        if getattr(settings, option) and settings.engine not in ("gptq", "awq_gptq"):
+            raise MixqError(f"--{option} {what}: AWQ needs --awq-gptq with it")
     if "g_idx" not in fmt.suffixes and settings.engine != "awq" and settings.act_order and not settings.static_groups:
         raise MixqError(f"--act-order without static groups: the {fmt.title} format has no g_idx to hold its "
                         "column order")
     for lin in plan(spec).linears:
         if problem := fmt.layout_problem(lin.shape, scheme):
             raise MixqError(f"model.layers.0.{lin.module}: {problem}")
+
+
+# options of GPTQ's solve, and what each does (AWQ takes them with --awq-gptq only)
+GPTQ_OPTIONS = {"gptaq": "calibrates GPTQ's solve", "refit": "refits GPTQ's scales"}
 
 
 # tensors the size of the calibration activations a method keeps at once, beside the layer's inputs and outputs:
