@@ -204,8 +204,8 @@ def _details(report: dict) -> list[str]:
              f"| scheme | {s.get('scheme')} |", f"| time | {report.get('seconds')} s |", ""]
     errors = [layer["output_error"] for layer in report.get("layers", []) if "output_error" in layer]
     if errors:
-        lines += [f"Relative error of each layer's output against the unquantized layer on the calibration data: "
-                  f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}.", ""]
+        lines += [f"Relative error of each layer's output against the unquantized layer on the first chunk of "
+                  f"the calibration data: mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}.", ""]
     if report.get("expert_coverage"):
         c = report["expert_coverage"]
         lines += [f"Expert statistics: {c.get('expert_statistics')}. The router stays in fp16. The fewest "
