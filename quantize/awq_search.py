@@ -22,7 +22,9 @@ def search_scale(chunks: list[torch.Tensor], weights: dict, modules: tuple[str, 
 
     `chunks` are the group's inputs a chunk at a time (wherever they live; each is brought to `device` when used)
     and `inspect(weights, chunk)` the output of the module the group feeds on one chunk, so the working set is one
-    chunk whatever the calibration size; the unquantized outputs are kept beside their chunks."""
+    chunk whatever the calibration size; the unquantized outputs are kept beside their chunks. `inspect` None: the
+    group is one linear judged by its own output (o_proj after v, each expert's w2), whose error is a quadratic form
+    of its weight error (own_output_loss), so the grid never runs it over the tokens."""
     scheme: Scheme = as_searched_by_minmax(settings.scheme)
     rows = sum(c.reshape(-1, c.shape[-1]).shape[0] for c in chunks)
     x_mean = sum(c.to(device).reshape(-1, c.shape[-1]).abs().float().sum(0) for c in chunks) / rows
@@ -30,7 +32,11 @@ def search_scale(chunks: list[torch.Tensor], weights: dict, modules: tuple[str, 
     groups = stacked.abs().reshape(-1, scheme.group_size)
     w_mean = (groups / (groups.amax(dim=1, keepdim=True) + 1e-6)).reshape(stacked.shape).mean(0)
     del stacked, groups
-    reference = [inspect(weights, c.to(device)).float().to(c.device) for c in chunks]
+    if inspect is None:
+        (module,) = modules
+        loss_of = own_output_loss(chunks, weights, f"{module}.weight", settings.grid, device)
+    else:
+        loss_of = output_loss(chunks, weights, inspect, device)
     best, best_loss = None, float("inf")
     for step in range(settings.grid):
         ratio = step / settings.grid
@@ -44,17 +50,50 @@ def search_scale(chunks: list[torch.Tensor], weights: dict, modules: tuple[str, 
         for m in modules:
             weight = weights[f"{m}.weight"]
             trial[f"{m}.weight"] = fake_quantize(weight * s.to(weight.dtype), scheme).div_(s.to(weight.dtype))
-        total = count = 0
-        for c, ref in zip(chunks, reference):
-            out = inspect(trial, c.to(device)).float()
-            total += float((ref.to(device) - out).pow(2).sum())
-            count += out.numel()
-        loss = total / count
+        loss = loss_of(trial)
         if loss < best_loss:
             best, best_loss = s.clone(), loss
     if best is None:
         raise RuntimeError(f"AWQ found no finite loss for {', '.join(modules)}")
     return best
+
+
+def output_loss(chunks: list[torch.Tensor], weights: dict, inspect, device):
+    """trial weights -> the mean squared difference of `inspect`'s output from the unquantized one, over the chunks:
+    AutoAWQ's loss, one forward of the inspected module per chunk and trial."""
+    reference = [inspect(weights, c.to(device)).float().to(c.device) for c in chunks]
+
+    def loss(trial: dict) -> float:
+        total = count = 0
+        for c, ref in zip(chunks, reference):
+            out = inspect(trial, c.to(device)).float()
+            total += float((ref.to(device) - out).pow(2).sum())
+            count += out.numel()
+        return total / count
+    return loss
+
+
+def own_output_loss(chunks: list[torch.Tensor], weights: dict, key: str, trials: int, device):
+    """output_loss for the linear `key` judged by its own output, as a quadratic form: over the tokens X,
+    |X W^T - X Q^T|^2 = sum((Q - W) G * (Q - W)) with G = X^T X, taken once; the search then costs
+    tokens x in^2 + trials x out x in^2 products instead of (trials + 1) x tokens x in x out (Mixtral's w2 at
+    128 x 2048 tokens, 65k routed tokens against 14336 columns, 20 trials: 2.7x fewer), and the error is formed from
+    the weights, without the cancellation of subtracting two outputs. Where that costs more (few tokens), the
+    outputs are compared as output_loss does."""
+    rows = sum(c.reshape(-1, c.shape[-1]).shape[0] for c in chunks)
+    out_features, in_features = weights[key].shape
+    if (rows + trials * out_features) * in_features >= (trials + 1) * rows * out_features:
+        return output_loss(chunks, weights, lambda ws, c: c @ ws[key].T, device)
+    gram = 0
+    for c in chunks:
+        x = c.to(device).reshape(-1, c.shape[-1]).float()
+        gram = gram + x.T @ x
+    original = weights[key].float()
+
+    def loss(trial: dict) -> float:
+        d = trial[key].float() - original
+        return float(((d @ gram) * d).sum()) / (rows * out_features)
+    return loss
 
 
 def clip_rows(chunks: list[torch.Tensor], device) -> torch.Tensor:

@@ -183,7 +183,8 @@ def layer_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
 def layer_working_set(spec: ModelSpec, settings: Settings, dtype: torch.dtype, seqlen: int) -> int:
     """Device bytes quantizing one layer needs beside the calibration activations: the layer's weights, their
     unquantized copy and the dequantized result; GPTQ's largest Hessian with its factors, or AWQ's widest smoothing
-    group in fp32 beside its fake-quantized trial; one chunk's activations."""
+    group in fp32 beside its fake-quantized trial (or its largest one-linear group's Gram matrix, if larger); one
+    chunk's activations."""
     layer_plan = plan(spec)
     layer = layer_bytes(spec, dtype)
     solver = 0
@@ -197,7 +198,10 @@ def layer_working_set(spec: ModelSpec, settings: Settings, dtype: torch.dtype, s
             solver += widest * widest * 4 + largest * 4 + REFIT_BYTES
     if settings.engine in ("awq", "awq_gptq"):   # one after the other: the larger of the two
         group = max(sum(math.prod(layer_plan.shape(m)) for m in g.linears) for g in layer_plan.smoothings)
-        solver = max(solver, group * (4 + dtype.itemsize))
+        # a one-linear group's Gram matrix beside its weight in fp32, the trial's error and its product
+        singles = [layer_plan.shape(g.linears[0]) for g in layer_plan.smoothings if len(g.linears) == 1]
+        own = max(((cols + 3 * rows) * cols * 4 for rows, cols in singles), default=0)
+        solver = max(solver, group * (4 + dtype.itemsize), own)
     return 3 * layer + solver + (activation_bytes(spec, settings.batch, seqlen) if seqlen else 0)
 
 

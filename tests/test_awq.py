@@ -10,7 +10,15 @@ import torch
 from mixq.calibration import prepare
 from mixq.convert import open_checkpoint
 from mixq.quantize import Settings, quantize_model
-from mixq.quantize.awq_search import CLIP_SHRINK, apply_scales, clip, group_gram
+from mixq.quantize.awq_search import (
+    CLIP_SHRINK,
+    apply_scales,
+    clip,
+    group_gram,
+    output_loss,
+    own_output_loss,
+    search_scale,
+)
 from mixq.quantize.check.repository import read_quantized
 from mixq.quantize.formats import FORMATS
 from mixq.quantize.forward import Rotary, decoder_layer, rms_norm, route
@@ -78,6 +86,22 @@ def test_clip_search_picks_autoawq_thresholds():
     scheme = FORMATS["awq"].scheme(4, 128, False)
     assert torch.equal(clip(w, group_gram(x, 128), scheme), autoawq_clip(w, x, scheme))
 
+
+
+def test_own_output_scale_search_picks_the_output_forms_scale():
+    """A linear judged by its own output (o after v, each expert's w2): the Gram form of the grid's loss picks the
+    scale that the loss over the outputs, as AutoAWQ computes it (both outputs, subtracted, squared), picks."""
+    g = torch.Generator().manual_seed(5)
+    w = {"lin.weight": torch.randn(256, 384, generator=g) / 16}
+    channels = torch.rand(384, generator=g) * 4 + 0.1
+    chunks = [torch.randn(2, 256, 384, generator=g) * channels for _ in range(3)]   # 1536 tokens: the Gram is cheaper
+    settings = Settings(method="awq", scheme=FORMATS["awq"].scheme(4, 128), fmt="awq")
+    by_output = search_scale(chunks, w, ("lin",), lambda ws, c: c @ ws["lin.weight"].T, settings, "cpu")
+    by_gram = search_scale(chunks, w, ("lin",), None, settings, "cpu")
+    assert torch.equal(by_gram, by_output)
+    trial = {"lin.weight": fake_quantize(w["lin.weight"] * by_gram, settings.scheme) / by_gram}
+    direct = output_loss(chunks, w, lambda ws, c: c @ ws["lin.weight"].T, "cpu")(trial)
+    assert direct > 0 and own_output_loss(chunks, w, "lin.weight", 20, "cpu")(trial) == pytest.approx(direct, rel=1e-5)
 
 def test_awq_layer_files_unpack_to_what_the_engine_used(tmp_path):
     hf = tiny_hf(tmp_path)

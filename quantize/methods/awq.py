@@ -54,8 +54,9 @@ def smooth(ctx) -> None:
             return moe_forward(flat, ws, spec)
         return expert_forward(flat, ws["mlp.gate_proj.weight"], ws["mlp.up_proj.weight"], ws["mlp.down_proj.weight"])
 
+    # what judges each group's trials; None: the group's one linear, by its own output
     judged = {ATTN_NORM: lambda ws, h: attention_context(h, ws, spec, ctx.rope) @ ws[o_proj].T,
-              ATTN_CONTEXT: lambda ws, context: context @ ws[o_proj].T, MLP_NORM: mlp_out}
+              ATTN_CONTEXT: None, MLP_NORM: mlp_out}
     scales = {}
     for group in layer_plan.smoothings:
         if group.reads not in judged:   # a down projection, on its expert's routed tokens (all when none are)
@@ -70,7 +71,7 @@ def smooth(ctx) -> None:
                 if tokens.shape[0]:
                     acts.append(ctx.keep(torch.nn.functional.silu(tokens @ gate.T) * (tokens @ up.T)))
             inputs[group.reads] = acts
-            judged[group.reads] = lambda ws, act, d=down: act @ ws[f"{d}.weight"].T
+            judged[group.reads] = None
         scales[group.key] = search_scale(inputs[group.reads], w, group.linears, judged[group.reads], s, device)
         if group.reads != MLP_NORM:   # only the clip search reads these again, from the rows it samples
             inputs[group.reads] = [ctx.keep(clip_rows(inputs[group.reads], device))]
