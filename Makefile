@@ -230,8 +230,9 @@ publish: release
 	$(foreach r,$(RELEASE),$(MIXQ) upload $(OUT)/$(word 1,$(subst :, ,$(r))) --repo-id $(call hub_repo,$(r)) \
 		$(if $(DRY_RUN),--dry-run) &&) true
 
-# the built-in default, sized for a CPU: SmolLM2 (hidden 576, so group 64), KJV calibration, Shakespeare evaluation
+# the built-in default, sized for a CPU: SmolLM2 (hidden 576, so group 64), KJV calibration, Shakespeare evaluation;
+# 16 x 512 tokens: at 8 x 256 GPTQ's solve (both methods' default) over-fits SmolLM2 (README, "Quality")
 demo: $(INSTALL)
 	$(MAKE) --no-print-directory model
-	$(MAKE) --no-print-directory release OUT=out/demo GROUP=64 SAMPLES=16 SEQLEN=256 EVAL_SEQLEN=512 \
+	$(MAKE) --no-print-directory release OUT=out/demo GROUP=64 SAMPLES=16 SEQLEN=512 EVAL_SEQLEN=512 \
 		EVAL_TOKENS=4096 MAX_NEW=48 OUTTYPES="q8_0 q4_0"

@@ -80,19 +80,21 @@ def run_child(code: str, argv: list[str], env: dict, name: str, cwd: Path) -> fl
     return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
 
 
-# the mixq rows of each method, after its round-to-nearest baseline: label -> Settings overrides
+# the mixq rows of each method, after its round-to-nearest baseline: label (the command's flags) -> Settings overrides.
+# Settings' own defaults are the plain algorithms; each command's defaults (mixq.api) are the "(default)" rows.
 OPTIONS = {
-    "gptq": {"gptq": {}, "gptq --search mse": {"search": "mse"}, "gptq --gptaq": {"gptaq": True},
-             "gptq --search mse --gptaq": {"search": "mse", "gptaq": True},
-             "gptq --refit": {"refit": True}, "gptq --search mse --refit": {"search": "mse", "refit": True},
-             "gptq --search mse --gptaq --refit": {"search": "mse", "gptaq": True, "refit": True},
-             "gptq --awq-gptq": {"awq_gptq": True},
-             "gptq --awq-gptq --search mse": {"awq_gptq": True, "search": "mse"}},
-    "awq": {"awq": {}, "awq --search mse": {"search": "mse"}, "awq --awq-gptq": {"awq_gptq": True},
-            "awq --awq-gptq --gptaq": {"awq_gptq": True, "gptaq": True},
-            "awq --awq-gptq --refit": {"awq_gptq": True, "refit": True},
-            "awq --awq-gptq --gptaq --refit": {"awq_gptq": True, "gptaq": True, "refit": True},
-            "awq --awq-gptq --search mse": {"awq_gptq": True, "search": "mse"}},
+    "gptq": {"gptq --search minmax --no-gptaq": {}, "gptq --no-gptaq": {"search": "mse"},
+             "gptq --search minmax": {"gptaq": True}, "gptq (default)": {"search": "mse", "gptaq": True},
+             "gptq --search minmax --no-gptaq --refit": {"refit": True},
+             "gptq --no-gptaq --refit": {"search": "mse", "refit": True},
+             "gptq --refit": {"search": "mse", "gptaq": True, "refit": True},
+             "gptq --awq-gptq --search minmax --no-gptaq": {"awq_gptq": True},
+             "gptq --awq-gptq --no-gptaq": {"awq_gptq": True, "search": "mse"}},
+    "awq": {"awq --no-awq-gptq": {}, "awq --no-awq-gptq --search mse": {"search": "mse"},
+            "awq --no-gptaq": {"awq_gptq": True}, "awq (default)": {"awq_gptq": True, "gptaq": True},
+            "awq --no-gptaq --refit": {"awq_gptq": True, "refit": True},
+            "awq --refit": {"awq_gptq": True, "gptaq": True, "refit": True},
+            "awq --search mse": {"awq_gptq": True, "gptaq": True, "search": "mse"}},
 }
 SYMMETRIC = {"gptq": True, "awq": False}   # each format's default: vLLM reads GPTQ sym and AWQ with zero points
 
@@ -107,7 +109,8 @@ def main() -> None:
     ap.add_argument("--no-anchors", action="store_true", help="mixq's rows only (no GPTQModel, no AutoAWQ)")
     ap.add_argument("--calib", default="16x512", help="SAMPLESxSEQLEN, the same tokens for every tool")
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--eval-windows", type=int, default=8, help="512-token evaluation windows")
+    ap.add_argument("--eval-windows", type=int, default=32,
+                    help="512-token evaluation windows (on 8, calibration sizes of one method differ by a point)")
     ap.add_argument("--autoawq-as-is", action="store_true", help="do not fix AutoAWQ's CPU weight-restore defect")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache/bench-small-model")
     args = ap.parse_args()

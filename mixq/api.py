@@ -19,14 +19,19 @@ import types
 from pathlib import Path
 
 QUANTIZE_METHODS = ("awq", "gptq", "rtn")
-# the options of each method beyond the shared ones, with their defaults (the CLI's)
+# the options of each method beyond the shared ones, with their defaults (the CLI's). The defaults are the settings
+# that measured best on both SmolLM2 text pairs (README, "Quality"): GPTQ with GPTAQ's calibration (None: on
+# wherever GPTQ's solve runs) and, below, the mse range search; AWQ followed by GPTQ's solve, with GPTAQ's.
 METHOD_OPTIONS = {
     "gptq": {"sym": True, "damp": 0.01, "act_order": True, "static_groups": None, "true_sequential": True,
-             "awq_gptq": False, "gptaq": False, "refit": False},
+             "awq_gptq": False, "gptaq": None, "refit": False},
     "awq": {"zero_point": True, "grid": 20, "clip": True, "duo_scaling": True, "router_scaling": True,
-            "awq_gptq": False, "gptaq": False, "refit": False},
+            "awq_gptq": True, "gptaq": None, "refit": False},
     "rtn": {"format": "gptq", "sym": None},
 }
+# each method's default range search: mse under GPTQ; min/max for AWQ's final step (on SmolLM2's asymmetric grid mse
+# raised the error) and for round-to-nearest, the baseline every method is measured against
+SEARCH = {"gptq": "mse", "awq": "minmax", "rtn": "minmax"}
 
 
 # the calibration options shared by quantize, imatrix and convert's --imatrix auto, with their defaults
@@ -163,7 +168,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
              allow_fewer: bool = False, bits: int = 4, group_size: int = 128, expert_naming: str = "classic",
              device: str = "auto", compute_dtype: str = "auto", batch: int = 8, shard_size: str | int = "5GB",
              resume: bool = False, force: bool = False, check: bool | dict = False, device_memory=None,
-             checkpoint_every: int = 1, allow_unloadable: bool = False, search: str = "minmax", **options) -> dict:
+             checkpoint_every: int = 1, allow_unloadable: bool = False, search: str | None = None, **options) -> dict:
     """`mixq quantize METHOD MODEL OUT`: an AWQ-GEMM or GPTQ-v1 repository at `out`; returns its report.
 
     `options` are the method's own (METHOD_OPTIONS: gptq sym, damp, act_order, static_groups, true_sequential;
@@ -175,7 +180,8 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
     evaluation text is resolved before any work). `device_memory`: as check()'s, for the quantization (the
     calibration activations move to host memory when they do not fit beside one layer's work) and its check.
     `checkpoint_every`: layers between resume checkpoints (each writes the next layer's inputs).
-    `search`: how each group's range is chosen, "minmax" or "mse" (quantizer.py; AWQ: its final step only).
+    `search`: how each group's range is chosen, "minmax" or "mse" (quantizer.py; AWQ: its final step only);
+    None: the method's default (SEARCH). `gptaq` None: on wherever GPTQ's solve runs (gptq; awq with awq_gptq).
     Settings a runtime the card names refuses or serves slowly (quantize.runtimes) are refused before any work
     unless `allow_unloadable`; the report's `runtimes` and the card then say which.
     """
@@ -196,6 +202,9 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
         raise MixqError(f"{method} has no option {sorted(unknown)[0]!r} (its options: "
                         f"{', '.join(METHOD_OPTIONS[method])})")
     o = METHOD_OPTIONS[method] | options
+    if o.get("gptaq", False) is None:
+        o["gptaq"] = method == "gptq" or o["awq_gptq"]
+    search = SEARCH[method] if search is None else search
     fmt = get_format(o["format"] if method == "rtn" else method)
     extra = {}
     if method == "gptq":

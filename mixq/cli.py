@@ -284,9 +284,10 @@ def engine_options(fn):
         click.option("--bits", default=4, show_default=True, help="Bits per weight."),
         click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True,
                      help="Weights per quantization group (must divide every linear's input size)."),
-        click.option("--search", type=click.Choice(SEARCHES), default="minmax", show_default=True,
+        click.option("--search", type=click.Choice(SEARCHES), default=None,
                      help="Each group's range: minmax as the format's rule gives it, or mse: shrunk to the range "
-                          "whose rounding error is least (80 trials per group; AWQ: its final step)."),
+                          "whose rounding error is least (80 trials per group; AWQ: its final step). Default: "
+                          "mse for gptq, minmax for awq and rtn."),
         click.option("--expert-naming", type=click.Choice(EXPERT_NAMINGS), default="classic",
                      show_default=True,
                      help="Mixtral expert keys: classic block_sparse_moe.experts.E.w1/w2/w3 (vLLM, TGI) or "
@@ -385,7 +386,7 @@ def quantize_rtn(model, out, fmt, sym, **kwargs):
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="Calibrate each stage of a layer on the outputs of the stages already quantized.")
 @click.option("--awq-gptq", is_flag=True, help=AWQ_GPTQ_HELP)
-@click.option("--gptaq", is_flag=True, help=GPTAQ_HELP)
+@click.option("--gptaq/--no-gptaq", default=None, help=GPTAQ_HELP + " Default: on.")
 @click.option("--refit", is_flag=True, help=REFIT_HELP)
 @command
 def quantize_gptq(model, out, sym, damp, act_order, static_groups, true_sequential, awq_gptq, gptaq, refit,
@@ -412,8 +413,9 @@ def quantize_gptq(model, out, sym, damp, act_order, static_groups, true_sequenti
               help="Scales from activations and weights (AutoAWQ's default) or activations only.")
 @click.option("--no-router-scaling", is_flag=True,
               help="Leave the MoE router reading the rescaled norm, as AutoAWQ does (for comparison only).")
-@click.option("--awq-gptq", is_flag=True, help=AWQ_GPTQ_HELP)
-@click.option("--gptaq", is_flag=True, help=GPTAQ_HELP + " Needs --awq-gptq.")
+@click.option("--awq-gptq/--no-awq-gptq", default=True, show_default=True,
+              help=AWQ_GPTQ_HELP + " --no-awq-gptq: AutoAWQ's algorithm (round-to-nearest after the searches).")
+@click.option("--gptaq/--no-gptaq", default=None, help=GPTAQ_HELP + " Default: on with --awq-gptq.")
 @click.option("--refit", is_flag=True, help=REFIT_HELP + " Needs --awq-gptq.")
 @command
 def quantize_awq(model, out, zero_point, packing, grid, no_clip, duo_scaling, no_router_scaling, awq_gptq, gptaq,

@@ -82,9 +82,27 @@ def test_cli_flags_on_both_commands(cli, tmp_path, mixtral):
         assert report["settings"]["awq_gptq"] is report["settings"]["gptaq"] is report["settings"]["refit"] is True
         assert report["format"] == method
     assert cli("quantize", "rtn", mixtral, tmp_path / "rtn", "--awq-gptq").exit_code == 2
-    result = cli("quantize", "awq", mixtral, tmp_path / "awq-alone", "--gptaq", "--samples", 2, "--seqlen", 32)
-    assert result.exit_code == 1 and "--gptaq calibrates GPTQ's solve: AWQ needs --awq-gptq with it" in result.stderr
-    assert not (tmp_path / "awq-alone").exists()
-    result = cli("quantize", "awq", mixtral, tmp_path / "awq-alone", "--refit", "--samples", 2, "--seqlen", 32)
-    assert result.exit_code == 1 and "--refit refits GPTQ's scales: AWQ needs --awq-gptq with it" in result.stderr
-    assert not (tmp_path / "awq-alone").exists()
+    for flag, what in (("--gptaq", "--gptaq calibrates GPTQ's solve"), ("--refit", "--refit refits GPTQ's scales")):
+        result = cli("quantize", "awq", mixtral, tmp_path / "awq-alone", "--no-awq-gptq", flag, "--samples", 2,
+                     "--seqlen", 32)
+        assert result.exit_code == 1 and f"{what}: AWQ needs --awq-gptq with it" in result.stderr
+        assert not (tmp_path / "awq-alone").exists()
+
+
+# each command's defaults: what measured best on both SmolLM2 text pairs (tests/test_real_smollm2_quantize.py)
+DEFAULTS = {"gptq": {"awq_gptq": False, "gptaq": True, "search": "mse"},
+            "awq": {"awq_gptq": True, "gptaq": True, "search": "minmax"},
+            "awq --no-awq-gptq": {"awq_gptq": False, "gptaq": False, "search": "minmax"},
+            "gptq --no-gptaq --search minmax": {"awq_gptq": False, "gptaq": False, "search": "minmax"},
+            "rtn": {"awq_gptq": False, "gptaq": False, "search": "minmax"}}
+
+
+@pytest.mark.parametrize("command", list(DEFAULTS))
+def test_defaults_of_each_command(cli, tmp_path, mixtral, command):
+    method, *flags = command.split()
+    calib = [] if method == "rtn" else ["--samples", 2, "--seqlen", 32]
+    result = cli("quantize", method, mixtral, tmp_path / "q", *flags, *calib, "--json")
+    assert result.exit_code == 0, result.output
+    settings = json.loads(result.stdout)["settings"]
+    got = {"awq_gptq": settings["awq_gptq"], "gptaq": settings["gptaq"], "search": settings["scheme"]["search"]}
+    assert got == DEFAULTS[command]
