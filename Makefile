@@ -231,7 +231,7 @@ publish: release
 		$(if $(DRY_RUN),--dry-run) &&) true
 
 # the built-in default, sized for a CPU: SmolLM2 (hidden 576, so group 64), KJV calibration, Shakespeare evaluation;
-# 16 x 512 tokens: at 8 x 256 GPTQ's solve (both methods' default) over-fits SmolLM2 (README, "Quality")
+# 16 x 512 tokens: at 8 x 256 GPTQ's solve (both methods' default) over-fits SmolLM2 (the README's SmolLM2 tables)
 demo: $(INSTALL)
 	$(MAKE) --no-print-directory model
 	$(MAKE) --no-print-directory release OUT=out/demo GROUP=64 SAMPLES=16 SEQLEN=512 EVAL_SEQLEN=512 \

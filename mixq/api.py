@@ -20,7 +20,7 @@ from pathlib import Path
 
 QUANTIZE_METHODS = ("awq", "gptq", "rtn")
 # the options of each method beyond the shared ones, with their defaults (the CLI's). The defaults are the settings
-# that measured best on both SmolLM2 text pairs (README, "Quality"): GPTQ with GPTAQ's calibration (None: on
+# that measured best on both SmolLM2 text pairs (the README's SmolLM2 tables): GPTQ with GPTAQ's calibration (None: on
 # wherever GPTQ's solve runs) and, below, the mse range search; AWQ followed by GPTQ's solve, with GPTAQ's.
 METHOD_OPTIONS = {
     "gptq": {"sym": True, "damp": 0.01, "act_order": True, "static_groups": None, "true_sequential": True,
