@@ -81,17 +81,17 @@ def run_child(code: str, argv: list[str], env: dict, name: str, cwd: Path) -> fl
 
 
 # the mixq rows of each method, after its round-to-nearest baseline: label (the command's flags) -> Settings overrides.
-# Settings' own defaults are the plain algorithms; each command's defaults (mixq.api) are the "(default)" rows.
+# Settings' own defaults are the plain algorithms; None: the command's own defaults (mixq.api), the "(default)" rows.
 OPTIONS = {
     "gptq": {"gptq --search minmax --no-gptaq": {}, "gptq --no-gptaq": {"search": "mse"},
-             "gptq --search minmax": {"gptaq": True}, "gptq (default)": {"search": "mse", "gptaq": True},
+             "gptq --search minmax": {"gptaq": True}, "gptq (default)": None,
              "gptq --search minmax --no-gptaq --refit": {"refit": True},
              "gptq --no-gptaq --refit": {"search": "mse", "refit": True},
              "gptq --refit": {"search": "mse", "gptaq": True, "refit": True},
              "gptq --awq-gptq --search minmax --no-gptaq": {"awq_gptq": True},
              "gptq --awq-gptq --no-gptaq": {"awq_gptq": True, "search": "mse"}},
     "awq": {"awq --no-awq-gptq": {}, "awq --no-awq-gptq --search mse": {"search": "mse"},
-            "awq --no-gptaq": {"awq_gptq": True}, "awq (default)": {"awq_gptq": True, "gptaq": True},
+            "awq --no-gptaq": {"awq_gptq": True}, "awq (default)": None,
             "awq --no-gptaq --refit": {"awq_gptq": True, "refit": True},
             "awq --refit": {"awq_gptq": True, "gptaq": True, "refit": True},
             "awq --search mse": {"awq_gptq": True, "gptaq": True, "search": "mse"}},
@@ -116,6 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     args.work = args.work.resolve()
 
+    from mixq.api import SEARCH, method_options
     from mixq.calibration import load_tokenizer, prepare
     from mixq.calibration.blocks import evaluation_ids
     from mixq.calibration.fixtures import smollm2_hf
@@ -162,6 +163,9 @@ def main() -> None:
             measure(f"{method} round-to-nearest", lambda out: quantize_model(
                 smol, out, Settings(method="rtn", scheme=scheme, fmt=method)) and None)
             for label, overrides in OPTIONS[method].items():
+                if overrides is None:   # the command's defaults, as mixq.api resolves them
+                    o = method_options(method)
+                    overrides = {"search": SEARCH[method], "awq_gptq": o["awq_gptq"], "gptaq": o["gptaq"]}
                 if args.options is None or label in args.options:
                     search = overrides.get("search", "minmax")
                     settings = Settings(method=method, scheme=FORMATS[method].scheme(4, args.group_size,

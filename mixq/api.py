@@ -34,6 +34,15 @@ METHOD_OPTIONS = {
 SEARCH = {"gptq": "mse", "awq": "minmax", "rtn": "minmax"}
 
 
+def method_options(method: str, options: dict | None = None) -> dict:
+    """The method's options, `options` over METHOD_OPTIONS, with `gptaq` None resolved: on wherever GPTQ's solve
+    runs (gptq; awq with awq_gptq)."""
+    o = METHOD_OPTIONS[method] | (options or {})
+    if o.get("gptaq", False) is None:
+        o["gptaq"] = method == "gptq" or o["awq_gptq"]
+    return o
+
+
 # the calibration options shared by quantize, imatrix and convert's --imatrix auto, with their defaults
 CALIBRATION = {"calib": "kjv", "samples": 128, "seqlen": 512, "seed": 0, "mode": "concat", "split": None,
                "field": None, "allow_fewer": False}
@@ -201,9 +210,7 @@ def quantize(model, out, method: str = "awq", *, calib: str | None = "kjv", samp
     if unknown:
         raise MixqError(f"{method} has no option {sorted(unknown)[0]!r} (its options: "
                         f"{', '.join(METHOD_OPTIONS[method])})")
-    o = METHOD_OPTIONS[method] | options
-    if o.get("gptaq", False) is None:
-        o["gptaq"] = method == "gptq" or o["awq_gptq"]
+    o = method_options(method, options)
     search = SEARCH[method] if search is None else search
     fmt = get_format(o["format"] if method == "rtn" else method)
     extra = {}
